@@ -1,0 +1,1 @@
+"""Backbones and tokenizers that load LlamaGen's released weights unchanged."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny LlamaGen configs that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig
+
+
+def tiny_config(**overrides) -> LlamaGenConfig:
+    """A 2-layer, 32-wide LlamaGen on a 4x4 token grid with a 64-entry codebook."""
+    base = dict(
+        dim=32, n_layer=2, n_head=4, multiple_of=16, vocab_size=64, block_size=16, num_classes=10,
+        cls_token_num=1, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+        class_dropout_prob=0.1, caption_dim=24,
+    )
+    base.update(overrides)
+    return LlamaGenConfig(**base)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Give every parameter (and the zero-initialised head) random values so outputs are informative."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * std + (1.0 if param.ndim == 1 else 0.0))
+    return model
+
+
+def tiny_llamagen(seed: int = 0, **overrides) -> LlamaGen:
+    torch.manual_seed(seed)
+    return randomize_(LlamaGen(tiny_config(**overrides)), seed=seed).eval()
+
+
+@pytest.fixture
+def tiny_c2i() -> LlamaGen:
+    return tiny_llamagen()
+
+
+@pytest.fixture
+def tiny_t2i() -> LlamaGen:
+    return tiny_llamagen(model_type="t2i", cls_token_num=5, n_kv_head=2)
