@@ -1,0 +1,147 @@
+"""Adapter for LlamaGen GPTs: our `LlamaGen` and, duck-typed, LlamaGen's original `Transformer`.
+
+Both expose `tok_embeddings`, `cls_embedding`, `tok_dropout`, `layers` (called as
+`layer(h, freqs_cis, input_pos, mask)`), `norm`, `output`, `freqs_cis`, `setup_caches`,
+`cls_token_num`, `model_type` and `num_classes`; the adapter reproduces the base forward from these
+parts operation for operation, so with TensorAR's new parts at their initial values the result is
+bit-identical to the base model's own forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import BackboneAdapter
+
+__all__ = ["LlamaGenAdapter"]
+
+
+class LlamaGenAdapter(BackboneAdapter):
+    """Drives a LlamaGen-style GPT (ours, or an instance of the reference `Transformer`)."""
+
+    required_attributes = ("tok_embeddings", "cls_embedding", "tok_dropout", "layers", "norm", "output",
+                           "freqs_cis", "setup_caches", "cls_token_num", "model_type")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._cache_shape: tuple[int, int] | None = None
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.model.tok_embeddings.embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.output.out_features
+
+    @property
+    def max_image_tokens(self) -> int:
+        block = getattr(self.model, "block_size", None)
+        return int(block) if block is not None else self.model.freqs_cis.shape[0] - self.num_cond_tokens
+
+    @property
+    def num_cond_tokens(self) -> int:
+        return int(self.model.cls_token_num)
+
+    @property
+    def model_type(self) -> str:
+        return self.model.model_type
+
+    @property
+    def num_classes(self) -> int | None:
+        return int(self.model.num_classes) if self.model_type == "c2i" else None
+
+    @property
+    def has_null_condition(self) -> bool:
+        if self.model_type == "c2i":
+            return self.model.cls_embedding.embedding_table.num_embeddings > self.model.num_classes
+        return hasattr(self.model.cls_embedding, "uncond_embedding")
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.max_image_tokens)
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        return self.model.tok_embeddings.weight
+
+    # -- compute -----------------------------------------------------------------------------
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.tok_embeddings(ids)
+
+    def embed_condition(self, cond, *, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.model.cls_embedding(cond, train=train, force_drop_ids=force_drop_ids)
+        return emb[:, : self.num_cond_tokens]
+
+    def null_condition(self, cond):
+        if not self.has_null_condition:
+            return super().null_condition(cond)
+        if self.model_type == "c2i":
+            return torch.full_like(cond, self.model.num_classes)
+        uncond = self.model.cls_embedding.uncond_embedding[: cond.shape[1]]
+        return uncond.to(cond.dtype).expand_as(cond).clone()
+
+    def _uses_our_cache(self) -> bool:
+        from ..models.llamagen import LlamaGen
+
+        return isinstance(self.model, LlamaGen)
+
+    def forward_hidden(self, embeddings: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        model = self.model
+        if input_pos is None and not self._uses_our_cache() and model.layers[0].attention.kv_cache is not None:
+            self.clear_caches()  # the reference attention would write a cached forward into its cache
+        h = model.tok_dropout(embeddings)
+        freqs = model.freqs_cis
+        if freqs.device != h.device:
+            freqs = freqs.to(h.device)
+            model.freqs_cis = freqs
+        if input_pos is None:
+            freqs, mask = freqs[: h.shape[1]], None
+        else:
+            freqs, mask = freqs[input_pos], model.causal_mask[: h.shape[0], None, input_pos]
+        for layer in model.layers:
+            h = layer(h, freqs, input_pos, mask)
+        return h
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.output(self.model.norm(hidden)).float()
+
+    def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
+        dtype = dtype or self.dtype
+        shape = (batch_size, max_seq_length)
+        attn = self.model.layers[0].attention
+        cache = attn.kv_cache
+        if (self._cache_shape is not None and cache is not None and cache.k_cache.dtype == dtype
+                and cache.k_cache.device == self.device and self._cache_shape[0] == batch_size
+                and self._cache_shape[1] >= max_seq_length):
+            return  # static caches are reused: stale entries past the current position are masked out
+        with torch.device(self.device):  # the reference allocates on the default device
+            self.model.setup_caches(batch_size, max_seq_length, dtype)
+        self._cache_shape = shape
+
+    def clear_caches(self) -> None:
+        for layer in self.model.layers:
+            layer.attention.kv_cache = None
+        self._cache_shape = None
+
+    # -- validation --------------------------------------------------------------------------
+    def check_condition(self, cond, batch_size: int | None = None, *, name: str = "cond") -> int:
+        super().check_condition(cond, batch_size, name=name)
+        if self.model_type == "c2i":
+            if cond.dim() != 1 or cond.dtype.is_floating_point or cond.dtype == torch.bool:
+                raise ValueError(f"{name} must be a 1-D integer tensor of class ids, got shape "
+                                 f"{tuple(cond.shape)} and dtype {cond.dtype}")
+            upper = self.model.cls_embedding.embedding_table.num_embeddings
+            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= upper):
+                raise ValueError(f"{name} holds class ids outside [0, {upper - 1}] "
+                                 f"(min {int(cond.min())}, max {int(cond.max())})")
+        else:
+            in_dim = self.model.cls_embedding.cap_proj.fc1.in_features
+            if cond.dim() != 3 or cond.shape[-1] != in_dim or cond.shape[1] < self.num_cond_tokens:
+                raise ValueError(f"{name} must be caption features [B, >= {self.num_cond_tokens}, {in_dim}], "
+                                 f"got shape {tuple(cond.shape)}")
+        return cond.shape[0]

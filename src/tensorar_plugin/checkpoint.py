@@ -1,0 +1,173 @@
+"""Saving and loading `TensorARWrapper` weights: safetensors plus a JSON config, locally or on the Hub.
+
+Two layouts, told apart by the file present:
+
+* `model.safetensors`: the whole wrapper (`base_model.*`, `encoder.*`, `decoder.*`);
+* `tensorar_adapter.safetensors`: only the new parts, to be put back around the same base model
+  (like a peft adapter).
+
+Both come with `tensorar_config.json`. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .wrapper import ADAPTER_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TensorARConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .adapters import BackboneAdapter
+    from .wrapper import TensorARWrapper
+
+__all__ = ["save_wrapper", "load_wrapper", "push_wrapper_to_hub", "model_card"]
+
+
+def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage: give every tensor its own copy
+    return {key: value.detach().contiguous().clone() for key, value in state.items()}
+
+
+def save_wrapper(wrapper: TensorARWrapper, save_directory: str | Path, *, save_backbone: bool | None = None) -> Path:
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    includes_backbone = (not wrapper.backbone_frozen) if save_backbone is None else bool(save_backbone)
+    name, stale = (WEIGHTS_NAME, ADAPTER_NAME) if includes_backbone else (ADAPTER_NAME, WEIGHTS_NAME)
+    state = wrapper.state_dict() if includes_backbone else wrapper.tensorar_state_dict()
+    metadata = {"format": "pt", "tensorar_window": str(wrapper.window)}
+    save_file(_plain_tensors(state), str(directory / name), metadata=metadata)
+    (directory / stale).unlink(missing_ok=True)
+    config = {"format_version": FORMAT_VERSION, "includes_backbone": includes_backbone, **wrapper.config.to_dict()}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def _resolve_directory(pretrained: str | Path, **hub_kwargs) -> Path:
+    path = Path(pretrained)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"pretrained must be a directory written by save_pretrained or a Hub repo id, "
+                         f"got the file {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(str(pretrained), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, ADAPTER_NAME],
+                                  **hub_kwargs)
+    except Exception as exc:  # offline, unknown repo, no access: say what was looked for
+        raise FileNotFoundError(
+            f"{pretrained!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}: {exc}). Pass the folder written by save_pretrained, or download the repo "
+            f"first (huggingface-cli download {pretrained})."
+        ) from exc
+    return Path(local)
+
+
+def _check_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], config: TensorARConfig,
+                  source: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            details.append(f"unexpected keys {unexpected[:5]}")
+        if wrong:
+            details.append(f"shape mismatches {wrong[:5]}")
+        raise ValueError(f"{source} does not fit a TensorAR wrapper with window={config.window} around this "
+                         f"model (width {config.base_hidden_size}): " + "; ".join(details))
+
+
+def load_wrapper(cls, pretrained: str | Path, model: nn.Module, *, adapter: BackboneAdapter | None = None,
+                 window: int | None = None, noise_schedule=None, **hub_kwargs) -> TensorARWrapper:
+    directory = _resolve_directory(pretrained, **hub_kwargs)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: is {directory} a folder written by save_pretrained?")
+    data = json.loads(config_path.read_text())
+    version = data.pop("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format_version {version}; this tensorar-plugin reads up to "
+                         f"{FORMAT_VERSION}: upgrade the package")
+    data.pop("includes_backbone", None)
+    config = TensorARConfig.from_dict(data)
+    if window is not None and window != config.window:
+        raise ValueError(f"window={window} was requested, but {directory} holds a TensorAR model saved with "
+                         f"window={config.window}")
+    wrapper = cls(model, config=config, adapter=adapter)
+    if noise_schedule is not None:
+        wrapper._schedule = noise_schedule
+    elif config.noise_schedule == "custom":
+        wrapper._schedule = "exponential"
+
+    full, partial = directory / WEIGHTS_NAME, directory / ADAPTER_NAME
+    if full.is_file():
+        state = load_file(str(full))
+        expected = wrapper.state_dict()
+        _check_shapes(expected, state, config, full)
+        wrapper.load_state_dict(state, strict=True)
+    elif partial.is_file():
+        state = load_file(str(partial))
+        _check_shapes(wrapper.tensorar_state_dict(), state, config, partial)
+        for name, module in wrapper.new_modules().items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                   strict=True)
+    else:
+        raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {ADAPTER_NAME}")
+    return wrapper
+
+
+def model_card(wrapper: TensorARWrapper, repo_id: str, includes_backbone: bool) -> str:
+    """A short README for the Hub: what the weights are and how to load them."""
+    base = type(wrapper.base_model).__name__
+    load = ("TensorARWrapper.from_pretrained(repo_id, base_model)" if includes_backbone
+            else "TensorARWrapper.from_pretrained(repo_id, pretrained_base_model)")
+    return f"""---
+library_name: tensorar-plugin
+tags:
+- tensorar
+- autoregressive-image-generation
+---
+
+# {repo_id}
+
+TensorAR (next-tensor prediction, arXiv 2505.16324) weights made with
+[tensorar-plugin](https://pypi.org/project/tensorar-plugin/) around a `{base}` backbone.
+
+- window (tokens per predicted tensor): {wrapper.window}
+- new parameters: {wrapper.num_new_parameters():,}
+- noise schedule: {wrapper.config.noise_schedule}
+- contents: {"the whole model (backbone included)" if includes_backbone else "only the TensorAR parts"}
+
+```python
+from tensorar_plugin import TensorARWrapper
+model = {load}
+tokens = model.generate(class_ids, cfg_scale=2.0)
+```
+"""
+
+
+def push_wrapper_to_hub(wrapper: TensorARWrapper, repo_id: str, *, save_backbone: bool | None = None,
+                        private: bool | None = None, token: str | None = None,
+                        commit_message: str = "Upload TensorAR model") -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_wrapper(wrapper, tmp, save_backbone=save_backbone)
+        includes_backbone = (Path(tmp) / WEIGHTS_NAME).is_file()
+        (Path(tmp) / "README.md").write_text(model_card(wrapper, repo_id, includes_backbone))
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,154 @@
+"""KV-cached sampling loops: TensorAR's refinement loop and the plain next-token sampler it generalises.
+
+One loop serves both. Step 0 runs the condition (prefill) and predicts the first window; each later
+step feeds the previously predicted window (first token final, the rest drafts) as ONE new position,
+predicts the next window and commits its first token. `T` image tokens take exactly `T` forward
+steps and `T` cache positions, as in plain next-token sampling, which is the `window=1` case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import BackboneAdapter, find_adapter
+from .noise import PAD_ID
+from .sampling import check_sampling_args, guided_logits, sample_tokens
+
+__all__ = ["GenerationOutput", "generate_windows", "sample_plain"]
+
+DRAFT_MODES = ("sample", "argmax")
+
+
+class GenerationOutput(NamedTuple):
+    """Final tokens `[B, T]` and, per position, its `k` predictions from coarsest draft to final `[B, T, k]`.
+
+    `history[b, t, -1] == tokens[b, t]`; entries never predicted (the first `k - 1` positions are
+    predicted fewer than `k` times) hold -1.
+    """
+
+    tokens: torch.Tensor
+    history: torch.Tensor | None
+
+
+def _check_num_tokens(num_tokens: int | None, adapter: BackboneAdapter) -> int:
+    limit = adapter.max_image_tokens
+    if num_tokens is None:
+        return limit
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 1 <= num_tokens <= limit:
+        raise ValueError(f"num_tokens must be an integer in [1, {limit}] (the model's block_size), "
+                         f"got {num_tokens!r}")
+    return num_tokens
+
+
+@torch.no_grad()
+def generate_windows(
+    adapter: BackboneAdapter,
+    cond: torch.Tensor,
+    *,
+    window: int,
+    embed_window: Callable[[torch.Tensor], torch.Tensor],
+    window_logits: Callable[[torch.Tensor], torch.Tensor],
+    num_tokens: int | None = None,
+    cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    draft: str = "sample",
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    return_history: bool = False,
+    progress: bool = False,
+) -> GenerationOutput:
+    """The sampling loop behind `TensorARWrapper.generate` and `sample_plain`.
+
+    `embed_window` maps windows `[N, S, k]` to input embeddings `[N, S, d]`; `window_logits` maps
+    hidden states `[N, d]` to logits `[N, k, V]`. Classifier-free guidance runs the condition and its
+    null counterpart as one batch and mixes every slot's logits; after `cfg_interval` decode steps
+    (when >= 0) the conditional logits are used alone, as in LlamaGen.
+    """
+    check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    if draft not in DRAFT_MODES:
+        raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
+    if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool):
+        raise ValueError(f"cfg_interval must be an integer (-1 keeps guidance on), got {cfg_interval!r}")
+    total = _check_num_tokens(num_tokens, adapter)
+    batch = adapter.check_condition(cond)
+    guided = cfg_scale != 1.0
+    if guided and not adapter.has_null_condition:
+        raise ValueError("cfg_scale != 1 needs a null condition, but this model was built without condition "
+                         "dropout (class_dropout_prob = 0)")
+    cond_all = torch.cat([cond, adapter.null_condition(cond)]) if guided else cond
+    rows, n_cond, k, device = cond_all.shape[0], adapter.num_cond_tokens, window, adapter.device
+
+    positions = torch.arange(n_cond, n_cond + total, device=device)
+    slots = torch.arange(k, device=device)
+    tokens = torch.empty(batch, total, dtype=torch.long, device=device)
+    history = torch.full((batch, total + k - 1, k), -1, dtype=torch.long, device=device) if return_history else None
+    fed = None if use_cache else torch.full((rows, total, k), PAD_ID, dtype=torch.long, device=device)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+
+    if use_cache:
+        adapter.setup_caches(rows, n_cond + total)
+    cond_emb = adapter.embed_condition(cond_all, train=False)
+    current = None
+    for step in tqdm(range(total), disable=not progress, desc="sampling", unit="tok", leave=False):
+        if step == 0:
+            pos = torch.arange(n_cond, device=device) if use_cache else None
+            hidden = adapter.forward_hidden(cond_emb, pos)[:, -1]
+        else:
+            fed_now = torch.cat([current, current]) if guided else current
+            if use_cache:
+                hidden = adapter.forward_hidden(embed_window(fed_now[:, None]), positions[step - 1: step])[:, -1]
+            else:
+                fed[:, step - 1] = fed_now
+                sequence = torch.cat([cond_emb, embed_window(fed[:, :step])], dim=1)
+                hidden = adapter.forward_hidden(sequence)[:, -1]
+        logits = window_logits(hidden)  # [rows, k, V]
+        if guided:
+            cond_logits, uncond_logits = logits.chunk(2)
+            keep_guidance = cfg_interval < 0 or step - 1 <= cfg_interval
+            logits = guided_logits(cond_logits, uncond_logits, cfg_scale) if keep_guidance else cond_logits
+
+        final = sample_tokens(logits[:, 0], **sampling)
+        if k > 1:
+            drafts = (logits[:, 1:].argmax(dim=-1) if draft == "argmax"
+                      else sample_tokens(logits[:, 1:], **sampling))
+            current = torch.cat([final[:, None], drafts], dim=1).masked_fill(step + slots >= total, PAD_ID)
+        else:
+            current = final[:, None]
+        tokens[:, step] = final
+        if history is not None:
+            history[:, step + slots, k - 1 - slots] = current
+    return GenerationOutput(tokens, None if history is None else history[:, :total])
+
+
+def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cfg_scale: float = 1.0,
+                 cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, generator: torch.Generator | None = None, use_cache: bool = True,
+                 progress: bool = False) -> torch.Tensor:
+    """Plain next-token sampling of `model` (LlamaGen `generate()` semantics); image tokens `[B, T]`.
+
+    `model` is any model an adapter accepts (or a `BackboneAdapter`). Guidance, temperature, top-k
+    and top-p follow LlamaGen; `cfg_scale == 1` runs no null batch.
+    """
+    adapter = find_adapter(model)
+    module = adapter.model
+    was_training = module.training
+    module.eval()
+    try:
+        return generate_windows(
+            adapter, cond, window=1,
+            embed_window=lambda windows: adapter.embed_tokens(windows[..., 0]),
+            window_logits=lambda hidden: adapter.head(hidden)[:, None],
+            num_tokens=num_tokens, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+            top_k=top_k, top_p=top_p, greedy=greedy, generator=generator, use_cache=use_cache,
+            progress=progress,
+        ).tokens
+    finally:
+        module.train(was_training)

@@ -1,0 +1,57 @@
+"""Token sampling from logits: temperature, top-k, top-p and greedy, without host synchronisation.
+
+Sampling uses the exponential race (`argmax(p / E)`, `E ~ Exp(1)`), which draws exactly from the
+categorical distribution `p`, vectorises over any leading shape, honours a `torch.Generator`, and,
+unlike `torch.multinomial`, never waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_sampling_args", "filter_logits", "sample_tokens", "guided_logits"]
+
+
+def check_sampling_args(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        cfg_scale: float = 1.0) -> None:
+    """Raise `ValueError` naming the argument for values outside their ranges."""
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (isinstance(cfg_scale, (int, float)) and cfg_scale >= 0):
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+
+
+def guided_logits(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance as LlamaGen applies it: `uncond + scale * (cond - uncond)`."""
+    return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Keep the `top_k` largest logits and the smallest nucleus of mass `top_p`; the rest become -inf."""
+    if top_k > 0:
+        top_k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+        remove_sorted = mass_before > top_p  # as LlamaGen: the token that crosses top_p is kept
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token id per row of `logits` `[..., V]` -> `[...]` (int64)."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)

@@ -1,0 +1,316 @@
+"""`TensorARWrapper`: next-tensor prediction around a pretrained causal image-token transformer.
+
+`TensorARWrapper(model, window=k)` keeps the base model untouched and adds two residual parts:
+a `TensorEncoder` that folds each input window into the embedding of its first token, and a
+`TensorDecoder` that expands each hidden state into `k` slot hidden states read by the base head.
+With the new parts at their initial values the wrapped model computes exactly what the base computes
+(slot 0 always is the base head's output). Training adds discrete tensor noise to the drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import BackboneAdapter, find_adapter
+from .generation import GenerationOutput, generate_windows
+from .heads import TensorDecoder, TensorEncoder
+from .noise import SCHEDULES, discrete_tensor_noise
+from .windows import IGNORE_INDEX, input_windows, target_windows
+
+__all__ = ["TensorARConfig", "TensorAROutput", "TensorARWrapper", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_NAME"]
+
+CONFIG_NAME = "tensorar_config.json"
+WEIGHTS_NAME = "model.safetensors"
+ADAPTER_NAME = "tensorar_adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TensorARConfig:
+    """Everything that defines the TensorAR parts; saved as JSON next to the weights."""
+
+    window: int = 4
+    encoder_depth: int = 1
+    decoder_depth: int = 1
+    hidden_dim: int | None = None  # inner width of the query transformers; default: half the model width
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    noise_schedule: str = "exponential"
+    max_noise: float = 1.0
+    slot_weights: list[float] | None = None  # loss weight per slot; default uniform
+    label_dropout: bool = True  # keep the base model's condition dropout in training (for CFG)
+    base_hidden_size: int | None = None  # recorded to refuse loading into a different backbone
+    base_vocab_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        for name in ("encoder_depth", "decoder_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
+        if self.num_heads is not None and self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads!r}")
+        if self.num_heads is not None and self.hidden_dim is not None and self.hidden_dim % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_dim ({self.hidden_dim})")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if self.noise_schedule not in SCHEDULES and self.noise_schedule != "custom":
+            raise ValueError(f"noise_schedule must be one of {', '.join(SCHEDULES)}, got {self.noise_schedule!r}")
+        if not 0.0 <= self.max_noise <= 1.0:
+            raise ValueError(f"max_noise must be in [0, 1], got {self.max_noise!r}")
+        if self.slot_weights is not None:
+            self.slot_weights = [float(w) for w in self.slot_weights]
+            if len(self.slot_weights) != self.window or any(w < 0 for w in self.slot_weights) \
+                    or sum(self.slot_weights) <= 0:
+                raise ValueError(f"slot_weights must be {self.window} non-negative numbers with a positive sum, "
+                                 f"got {self.slot_weights!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorARConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"format_version"})
+        if unknown:
+            raise ValueError(f"unknown TensorARConfig field(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TensorAROutput:
+    """Training-forward result. `logits` `[B, T, k, V]` (float32), `targets` `[B, T, k]` (-100 = no loss)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    slot_losses: torch.Tensor  # mean cross-entropy of each slot `[k]`, detached, for logging
+
+
+class TensorARWrapper(nn.Module):
+    """Turn a causal image-token transformer into a next-tensor (window of `window` tokens) predictor.
+
+    Args:
+        model: the base model; any model an adapter accepts (LlamaGen-style GPTs out of the box).
+        window: tokens per predicted tensor (`k`); 1 reproduces the base model exactly.
+        adapter: a `BackboneAdapter` for models no registered adapter recognises.
+        encoder_depth / decoder_depth / hidden_dim / num_heads / mlp_ratio: query-transformer shape.
+        noise_schedule: "exponential" (default), "linear", "sine", "sqrt", or a callable `u -> beta`.
+        max_noise: replacement probability of the last slot (the schedule is scaled to it).
+        slot_weights: per-slot loss weights (uniform by default).
+        freeze_backbone: train only the new parts.
+        label_dropout: keep the base model's condition dropout in training (needed for CFG).
+    """
+
+    def __init__(self, model: nn.Module, window: int = 4, *, adapter: BackboneAdapter | None = None,
+                 encoder_depth: int = 1, decoder_depth: int = 1, hidden_dim: int | None = None,
+                 num_heads: int | None = None, mlp_ratio: float = 4.0, noise_schedule="exponential",
+                 max_noise: float = 1.0, slot_weights=None, freeze_backbone: bool = False,
+                 label_dropout: bool = True, config: TensorARConfig | None = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.adapter = adapter if adapter is not None else find_adapter(model)
+        self._schedule = noise_schedule
+        if config is None:
+            config = TensorARConfig(
+                window=window, encoder_depth=encoder_depth, decoder_depth=decoder_depth, hidden_dim=hidden_dim,
+                num_heads=num_heads, mlp_ratio=mlp_ratio,
+                noise_schedule=noise_schedule if isinstance(noise_schedule, str) else "custom",
+                max_noise=max_noise, slot_weights=slot_weights, label_dropout=label_dropout,
+            )
+        else:
+            self._schedule = config.noise_schedule
+        dim = self.adapter.hidden_size
+        if config.base_hidden_size is not None and config.base_hidden_size != dim:
+            raise ValueError(f"this TensorAR config was made for a backbone of width {config.base_hidden_size}, "
+                             f"but the model has width {dim}")
+        if config.base_vocab_size is not None and config.base_vocab_size != self.adapter.vocab_size:
+            raise ValueError(f"this TensorAR config was made for a codebook of {config.base_vocab_size} tokens, "
+                             f"but the model has {self.adapter.vocab_size}")
+        config.base_hidden_size, config.base_vocab_size = dim, self.adapter.vocab_size
+        if config.hidden_dim is None:
+            config.hidden_dim = max(dim // 2, 1)
+        self.config = config
+        self.base_model = model
+
+        self.encoder: TensorEncoder | None = None
+        self.decoder: TensorDecoder | None = None
+        if config.window > 1:
+            shape = dict(dim=dim, window=config.window, hidden_dim=config.hidden_dim, num_heads=config.num_heads,
+                         mlp_ratio=config.mlp_ratio)
+            ref = self.adapter.embedding_weight
+            self.encoder = TensorEncoder(depth=config.encoder_depth, **shape).to(ref.device, ref.dtype)
+            self.decoder = TensorDecoder(depth=config.decoder_depth, **shape).to(ref.device, ref.dtype)
+        weights = config.slot_weights or [1.0] * config.window
+        self.register_buffer("slot_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        self.set_backbone_frozen(freeze_backbone)
+
+    # -- introspection -------------------------------------------------------------------------
+    @property
+    def window(self) -> int:
+        return self.config.window
+
+    @property
+    def vocab_size(self) -> int:
+        return self.adapter.vocab_size
+
+    def new_modules(self) -> dict[str, nn.Module]:
+        """The parts TensorAR adds (empty for `window=1`)."""
+        return {name: m for name, m in (("encoder", self.encoder), ("decoder", self.decoder)) if m is not None}
+
+    def num_new_parameters(self) -> int:
+        return sum(p.numel() for m in self.new_modules().values() for p in m.parameters())
+
+    def set_backbone_frozen(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) every base-model parameter; the new parts stay trainable."""
+        for param in self.base_model.parameters():
+            param.requires_grad_(not frozen)
+        self.backbone_frozen = frozen
+
+    # -- pieces shared by training and generation ----------------------------------------------
+    def embed_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """Input windows `[..., k]` (`PAD_ID` past the end) -> one embedding per window `[..., d]`."""
+        if self.encoder is None:
+            return self.adapter.embed_tokens(windows[..., 0])
+        slots = self.adapter.embed_tokens(windows.clamp(min=0))
+        pad = self.encoder.pad_embedding.to(slots.dtype)
+        slots = torch.where((windows < 0)[..., None], pad, slots)
+        return slots[..., 0, :] + self.encoder(slots).to(slots.dtype)
+
+    def window_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states `[..., d]` -> float32 logits `[..., k, V]`; slot 0 is the base head's output."""
+        base = self.adapter.head(hidden).unsqueeze(-2)
+        if self.decoder is None:
+            return base
+        slots = self.decoder(hidden)[..., 1:, :]
+        return torch.cat([base, self.adapter.head(slots)], dim=-2)
+
+    # -- training forward ------------------------------------------------------------------------
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a [batch, length] tensor of image-token ids, got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
+        limit = self.adapter.max_image_tokens
+        if not 1 <= tokens.shape[1] <= limit:
+            raise ValueError(f"tokens has length {tokens.shape[1]}, but the model's block_size allows 1..{limit}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"tokens holds ids outside the codebook [0, {self.vocab_size - 1}] "
+                             f"(min {low}, max {high})")
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor, *, force_drop_ids: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> TensorAROutput:
+        """Teacher-forced next-tensor prediction over the image tokens `[B, T]` given `cond`.
+
+        In training mode draft slots are noised (`generator` makes it reproducible) and the base
+        model's condition dropout applies; in eval mode inputs are clean.
+        """
+        self._check_tokens(tokens)
+        self.adapter.check_condition(cond, tokens.shape[0])
+        k = self.window
+        train_cond = self.base_model.training and self.config.label_dropout
+        embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)
+        if tokens.shape[1] > 1:
+            windows = input_windows(tokens, k)
+            if self.training and k > 1:
+                windows = discrete_tensor_noise(windows, self.vocab_size, self._schedule,
+                                                max_noise=self.config.max_noise, generator=generator)
+            embeddings = torch.cat([embeddings, self.embed_windows(windows)], dim=1)
+        hidden = self.adapter.forward_hidden(embeddings)[:, self.adapter.num_cond_tokens - 1:]
+        logits = self.window_logits(hidden)
+        targets = target_windows(tokens, k)
+        loss, slot_losses = self._loss(logits, targets)
+        return TensorAROutput(loss=loss, logits=logits, targets=targets, slot_losses=slot_losses)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor):
+        vocab = logits.shape[-1]
+        if self.window == 1:  # exactly the base model's loss
+            loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+            return loss, loss.detach().reshape(1)
+        per_token = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                    reduction="none").view_as(targets)
+        valid = (targets != IGNORE_INDEX).float()
+        weights = self.slot_weights.to(per_token.device) * valid
+        loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-12)
+        slot_losses = (per_token * valid).sum(dim=(0, 1)) / valid.sum(dim=(0, 1)).clamp_min(1)
+        return loss, slot_losses.detach()
+
+    # -- generation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor, num_tokens: int | None = None, *, cfg_scale: float = 1.0,
+                 cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, draft: str = "sample", generator: torch.Generator | None = None,
+                 use_cache: bool = True, return_history: bool = False, progress: bool = False):
+        """Sample image tokens `[B, T]` the TensorAR way (see `generation.generate_windows`).
+
+        `draft` picks how draft slots are chosen ("sample" like the final token, or "argmax");
+        with `return_history=True` a `GenerationOutput(tokens, history)` is returned, where
+        `history[b, t]` lists the `k` predictions of position `t` from coarsest draft to final.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            out: GenerationOutput = generate_windows(
+                self.adapter, cond, window=self.window, embed_window=self.embed_windows,
+                window_logits=self.window_logits, num_tokens=num_tokens, cfg_scale=cfg_scale,
+                cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                draft=draft, generator=generator, use_cache=use_cache, return_history=return_history,
+                progress=progress,
+            )
+        finally:
+            self.train(was_training)
+        return out if return_history else out.tokens
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def tensorar_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the new parts' weights (keys `encoder.*`, `decoder.*`)."""
+        return {f"{name}.{key}": value for name, module in self.new_modules().items()
+                for key, value in module.state_dict().items()}
+
+    def save_pretrained(self, save_directory: str | Path, *, save_backbone: bool | None = None) -> Path:
+        """Write `tensorar_config.json` and safetensors weights into `save_directory`.
+
+        `save_backbone=None` saves the whole model unless the backbone is frozen (then only the new
+        parts, adapter-style, into `tensorar_adapter.safetensors`).
+        """
+        from .checkpoint import save_wrapper
+
+        return save_wrapper(self, save_directory, save_backbone=save_backbone)
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | Path, model: nn.Module, *, adapter: BackboneAdapter | None = None,
+                        window: int | None = None, noise_schedule=None, **hub_kwargs) -> TensorARWrapper:
+        """Rebuild a wrapper saved by `save_pretrained` around `model` (a local folder or a Hub repo id).
+
+        `window`, if given, must match the saved one; `noise_schedule` supplies a custom callable that
+        could not be saved; `hub_kwargs` (revision, cache_dir, token, local_files_only) go to the Hub.
+        """
+        from .checkpoint import load_wrapper
+
+        return load_wrapper(cls, pretrained, model, adapter=adapter, window=window, noise_schedule=noise_schedule,
+                            **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, save_backbone: bool | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload TensorAR model") -> str:
+        """Save (safetensors + config + model card) and upload to the Hugging Face Hub; returns the commit URL."""
+        from .checkpoint import push_wrapper_to_hub
+
+        return push_wrapper_to_hub(self, repo_id, save_backbone=save_backbone, private=private, token=token,
+                                   commit_message=commit_message)
+
+    def extra_repr(self) -> str:
+        return (f"window={self.window}, new_parameters={self.num_new_parameters():,}, "
+                f"noise_schedule={self.config.noise_schedule!r}, backbone_frozen={self.backbone_frozen}")
+

@@ -1,0 +1,241 @@
+"""TensorARWrapper training forward: base equivalence, windows/targets, gradients, errors, adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_, tiny_config, tiny_llamagen
+from torch import nn
+
+from tensorar_plugin import TensorARWrapper
+from tensorar_plugin.adapters import LlamaGenAdapter, find_adapter
+from tensorar_plugin.models.llamagen import KVCache, LlamaGen, build_llamagen
+from tensorar_plugin.noise import PAD_ID
+from tensorar_plugin.windows import IGNORE_INDEX, input_windows, target_windows
+
+
+def perturb_heads_(wrapper: TensorARWrapper, seed: int = 0) -> TensorARWrapper:
+    """Move the new parts away from their zero-initialised output projections."""
+    for module in wrapper.new_modules().values():
+        randomize_(module, seed=seed, std=0.3)
+    return wrapper
+
+
+def batch(b=3, t=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (b, t), generator=gen), torch.randint(0, 10, (b,), generator=gen)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_window_one_equals_base_training_forward_exactly(dropout):
+    base = tiny_llamagen(token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout).train()
+    wrapper = TensorARWrapper(base, window=1).train()
+    tokens, cond = batch()
+    torch.manual_seed(123)
+    base_logits, base_loss = base(tokens[:, :-1], cond, targets=tokens)
+    torch.manual_seed(123)
+    out = wrapper(tokens, cond)
+    assert out.logits.shape == (3, 16, 1, 64)
+    assert torch.equal(out.logits[:, :, 0], base_logits)
+    assert torch.equal(out.loss, base_loss)
+    assert wrapper.num_new_parameters() == 0
+
+
+@pytest.mark.parametrize("window", [2, 4, 8])
+def test_fresh_wrapper_slot_zero_equals_base_in_train_and_eval(window):
+    base = tiny_llamagen()
+    wrapper = TensorARWrapper(base, window=window)
+    tokens, cond = batch()
+    with torch.no_grad():
+        base_logits, _ = base(tokens[:, :-1], cond)
+        out = wrapper.eval()(tokens, cond)
+        assert torch.equal(out.logits[:, :, 0], base_logits[:, base.cls_token_num - 1:])
+        wrapper.train()
+        base.cls_embedding.dropout_prob = 0.0
+        noisy = wrapper(tokens, cond, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(noisy.logits[:, :, 0], base_logits)  # noise only reaches the zero-init encoder
+    # and the equivalence is a property of the initial values, not of the wiring
+    perturb_heads_(wrapper)
+    with torch.no_grad():
+        moved = wrapper.eval()(tokens, cond)
+    assert not torch.allclose(moved.logits[:, :, 0], base_logits)
+
+
+def test_windows_and_targets_layout():
+    tokens = torch.tensor([[10, 11, 12, 13, 14]])
+    inputs = input_windows(tokens, 3)
+    assert inputs.tolist() == [[[10, 11, 12], [11, 12, 13], [12, 13, 14], [13, 14, PAD_ID]]]
+    targets = target_windows(tokens, 3)
+    assert targets.tolist() == [[[10, 11, 12], [11, 12, 13], [12, 13, 14], [13, 14, -100], [14, -100, -100]]]
+
+
+def test_loss_is_weighted_cross_entropy_over_valid_slots():
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(), window=3, slot_weights=[1.0, 0.5, 0.25])).eval()
+    tokens, cond = batch()
+    out = wrapper(tokens, cond)
+    ce = F.cross_entropy(out.logits.reshape(-1, 64), out.targets.reshape(-1), reduction="none",
+                         ignore_index=IGNORE_INDEX).view(out.targets.shape)
+    valid = out.targets != IGNORE_INDEX
+    w = torch.tensor([1.0, 0.5, 0.25]) * valid
+    torch.testing.assert_close(out.loss, (ce * w).sum() / w.sum())
+    assert (~valid).sum() == 3 * (1 + 2)  # the last 2 output positions have 1 and 2 padded slots
+    for j in range(3):
+        torch.testing.assert_close(out.slot_losses[j], ce[..., j][valid[..., j]].mean())
+
+
+def test_noise_only_in_training_and_reproducible():
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(class_dropout_prob=0.0), window=4))
+    tokens, cond = batch()
+    with torch.no_grad():
+        wrapper.eval()
+        a = wrapper(tokens, cond, generator=torch.Generator().manual_seed(1)).logits
+        b = wrapper(tokens, cond, generator=torch.Generator().manual_seed(2)).logits
+        assert torch.equal(a, b)
+        wrapper.train()
+        c = wrapper(tokens, cond, generator=torch.Generator().manual_seed(1)).logits
+        d = wrapper(tokens, cond, generator=torch.Generator().manual_seed(1)).logits
+        e = wrapper(tokens, cond, generator=torch.Generator().manual_seed(2)).logits
+    assert torch.equal(c, d)
+    assert not torch.equal(c, e)
+    assert not torch.equal(a, c)
+
+
+def test_gradients_reach_new_parts_and_backbone_unless_frozen():
+    wrapper = TensorARWrapper(tiny_llamagen(), window=4).train()
+    tokens, cond = batch()
+    wrapper(tokens, cond).loss.backward()
+    assert wrapper.encoder.out_proj.weight.grad.abs().sum() > 0
+    assert wrapper.decoder.out_proj.weight.grad.abs().sum() > 0
+    assert wrapper.base_model.layers[0].attention.wqkv.weight.grad.abs().sum() > 0
+
+    frozen = perturb_heads_(TensorARWrapper(tiny_llamagen(), window=4, freeze_backbone=True)).train()
+    frozen(tokens, cond).loss.backward()
+    assert all(p.grad is None for p in frozen.base_model.parameters())
+    assert frozen.encoder.in_proj.weight.grad.abs().sum() > 0
+    assert frozen.decoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("encoder.", "decoder.")) for n in trainable)
+
+
+def test_label_dropout_option():
+    tokens, cond = batch()
+    kept = TensorARWrapper(tiny_llamagen(class_dropout_prob=1.0), window=2).train()
+    dropped = kept(tokens, cond).logits
+    null = kept(tokens, torch.full_like(cond, 10)).logits
+    torch.testing.assert_close(dropped[:, :, 0], null[:, :, 0])
+    off = TensorARWrapper(tiny_llamagen(class_dropout_prob=1.0), window=2, label_dropout=False).train()
+    assert not torch.allclose(off(tokens, cond).logits[:, :, 0], null[:, :, 0])
+
+
+def test_bf16_autocast_training_step():
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(), window=4)).train()
+    tokens, cond = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wrapper(tokens, cond)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_t2i_training_forward():
+    wrapper = TensorARWrapper(tiny_llamagen(model_type="t2i", cls_token_num=5), window=3).train()
+    tokens, _ = batch(2)
+    out = wrapper(tokens, torch.randn(2, 5, 24))
+    assert out.logits.shape == (2, 16, 3, 64) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(
+    ("make_inputs", "match"),
+    [
+        (lambda: (torch.randint(0, 64, (2, 17)), torch.tensor([1, 2])), "block_size"),
+        (lambda: (torch.full((2, 16), 64), torch.tensor([1, 2])), "tokens"),
+        (lambda: (torch.full((2, 16), -1), torch.tensor([1, 2])), "tokens"),
+        (lambda: (torch.rand(2, 16), torch.tensor([1, 2])), "tokens"),
+        (lambda: (torch.randint(0, 64, (2, 16)), torch.tensor([1, 2, 3])), "cond"),
+        (lambda: (torch.randint(0, 64, (2, 16)), torch.tensor([[1], [2]])), "cond"),
+        (lambda: (torch.randint(0, 64, (2, 16)), torch.tensor([1, 12])), "cond"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(make_inputs, match):
+    wrapper = TensorARWrapper(tiny_llamagen(), window=2)
+    tokens, cond = make_inputs()
+    with pytest.raises(ValueError, match=match):
+        wrapper(tokens, cond)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"window": 0}, "window"), ({"window": 2, "slot_weights": [1.0]}, "slot_weights"),
+     ({"window": 2, "noise_schedule": "cosine"}, "noise_schedule"), ({"window": 2, "max_noise": 2.0}, "max_noise")],
+)
+def test_bad_wrapper_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TensorARWrapper(tiny_llamagen(), **kwargs)
+
+
+@pytest.mark.parametrize(("preset", "limit"), [("GPT-B", 0.05), ("GPT-L", 0.05), ("GPT-XL", 0.05)])
+def test_parameter_overhead_at_default_config(preset, limit):
+    with torch.device("meta"):
+        base = build_llamagen(preset)
+        wrapper = TensorARWrapper(base, window=4)
+    base_params = sum(p.numel() for p in base.parameters())
+    assert wrapper.num_new_parameters() / base_params < limit
+
+
+class ForeignGPT(nn.Module):
+    """Not a `LlamaGen`: a stand-in with the reference `Transformer`'s attribute names and habits
+    (a plain-tensor rotary table, caches allocated on the default device)."""
+
+    def __init__(self, source: LlamaGen):
+        super().__init__()
+        for name in ("tok_embeddings", "cls_embedding", "tok_dropout", "layers", "norm", "output"):
+            setattr(self, name, getattr(source, name))
+        self.config = source.config
+        self.cls_token_num, self.model_type = source.cls_token_num, source.model_type
+        self.num_classes, self.block_size = source.num_classes, source.block_size
+        self.freqs_cis = source.freqs_cis.clone()
+        self.causal_mask = None
+
+    def setup_caches(self, max_batch_size, max_seq_length, dtype):
+        max_seq_length = (max_seq_length + 7) // 8 * 8
+        for block in self.layers:
+            block.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.kv_heads,
+                                               self.config.head_dim, dtype)
+        mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool))
+        self.causal_mask = mask.unsqueeze(0).repeat(max_batch_size, 1, 1)
+
+    def forward(self, idx, cond_idx):
+        cond = self.cls_embedding(cond_idx, train=self.training)
+        h = self.tok_dropout(torch.cat([cond, self.tok_embeddings(idx)], 1))
+        freqs = self.freqs_cis[: h.shape[1]]
+        for layer in self.layers:
+            h = layer(h, freqs, None, None)
+        return self.output(self.norm(h)).float(), None
+
+
+def test_duck_typed_reference_style_model_is_adapted():
+    source = tiny_llamagen()
+    foreign = ForeignGPT(source).eval()
+    assert isinstance(find_adapter(foreign), LlamaGenAdapter)
+    wrapper = TensorARWrapper(foreign, window=3).eval()
+    tokens, cond = batch()
+    with torch.no_grad():
+        base_logits, _ = foreign(tokens[:, :-1], cond)
+        out = wrapper(tokens, cond)
+        assert torch.equal(out.logits[:, :, 0], base_logits)
+        gen = wrapper.generate(cond, greedy=True)
+        again = wrapper.generate(cond, greedy=True, use_cache=False)
+    assert torch.equal(gen, again)
+
+
+def test_unknown_model_type_error_lists_what_was_looked_for():
+    with pytest.raises(TypeError, match="tok_embeddings.*missing"):
+        TensorARWrapper(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        TensorARWrapper("not a model")
+
+
+def test_wrapper_follows_model_dtype_and_device():
+    base = LlamaGen(tiny_config()).to(torch.bfloat16)
+    wrapper = TensorARWrapper(base, window=2)
+    assert wrapper.encoder.in_proj.weight.dtype == torch.bfloat16
