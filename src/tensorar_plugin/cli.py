@@ -1,0 +1,44 @@
+"""The `tensorar` console script: one subcommand per module in `tensorar_plugin.commands`.
+
+Each command module defines `register(subparsers)`, which adds its parser and sets `func` (called with
+the parsed namespace, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from . import __version__
+
+#: command modules, in the order `tensorar --help` lists them
+COMMAND_MODULES = (
+    "tensorar_plugin.commands.sample",
+    "tensorar_plugin.commands.finetune",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorar", description="TensorAR: next-tensor prediction for "
+                                     "autoregressive image generation.")
+    parser.add_argument("--version", action="version", version=f"tensorar-plugin {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:  # a command ships with the module that implements it
+            importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

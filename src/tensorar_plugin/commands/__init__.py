@@ -1,0 +1,1 @@
+"""Subcommands of the `tensorar` console script (see `tensorar_plugin.cli`)."""
