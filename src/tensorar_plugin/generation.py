@@ -68,7 +68,9 @@ def generate_windows(
     """The sampling loop behind `TensorARWrapper.generate` and `sample_plain`.
 
     `embed_window` maps windows `[N, S, k]` to input embeddings `[N, S, d]`; `window_logits` maps
-    hidden states `[N, d]` to logits `[N, k, V]`. Classifier-free guidance runs the condition and its
+    hidden states `[N, d]` to logits `[N, k, V]`. `greedy` applies to the committed (first) token;
+    drafts follow `draft`: "sample" draws them with the same temperature/top-k/top-p, "argmax" takes
+    the most likely token. Classifier-free guidance runs the condition and its
     null counterpart as one batch and mixes every slot's logits; after `cfg_interval` decode steps
     (when >= 0) the conditional logits are used alone, as in LlamaGen.
     """
@@ -118,7 +120,7 @@ def generate_windows(
         final = sample_tokens(logits[:, 0], **sampling)
         if k > 1:
             drafts = (logits[:, 1:].argmax(dim=-1) if draft == "argmax"
-                      else sample_tokens(logits[:, 1:], **sampling))
+                      else sample_tokens(logits[:, 1:], **{**sampling, "greedy": False}))
             current = torch.cat([final[:, None], drafts], dim=1).masked_fill(step + slots >= total, PAD_ID)
         else:
             current = final[:, None]

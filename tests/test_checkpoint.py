@@ -1,0 +1,132 @@
+"""save_pretrained / from_pretrained / push_to_hub for TensorARWrapper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llamagen
+from safetensors.torch import load_file
+from test_wrapper import batch, perturb_heads_
+
+from tensorar_plugin import TensorARWrapper
+from tensorar_plugin.wrapper import ADAPTER_NAME, CONFIG_NAME, WEIGHTS_NAME
+
+
+def trained_like(window=4, **kwargs) -> TensorARWrapper:
+    return perturb_heads_(TensorARWrapper(tiny_llamagen(seed=1), window=window, **kwargs), seed=4)
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_full_round_trip_is_bit_exact(tmp_path):
+    wrapper = trained_like(slot_weights=[1, 1, 0.5, 0.5], noise_schedule="sine")
+    wrapper.save_pretrained(tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).is_file() and not (tmp_path / ADAPTER_NAME).exists()
+    loaded = TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(seed=99))
+    assert_same_state(wrapper, loaded)
+    assert loaded.config == wrapper.config
+    tokens, cond = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(tokens, cond).logits, wrapper.eval()(tokens, cond).logits)
+    assert torch.equal(loaded.generate(cond, greedy=True, draft="argmax"),
+                       wrapper.generate(cond, greedy=True, draft="argmax"))
+
+
+def test_adapter_only_round_trip(tmp_path):
+    wrapper = trained_like(freeze_backbone=True)
+    wrapper.save_pretrained(tmp_path)
+    assert (tmp_path / ADAPTER_NAME).is_file() and not (tmp_path / WEIGHTS_NAME).exists()
+    stored = load_file(str(tmp_path / ADAPTER_NAME))
+    assert stored and all(k.startswith(("encoder.", "decoder.")) for k in stored)
+    loaded = TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(seed=1))
+    assert_same_state(wrapper, loaded)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["window"] == 4 and config["includes_backbone"] is False
+
+
+def test_save_backbone_overrides_and_replaces_stale_file(tmp_path):
+    wrapper = trained_like()
+    wrapper.save_pretrained(tmp_path, save_backbone=False)
+    wrapper.save_pretrained(tmp_path, save_backbone=True)
+    assert (tmp_path / WEIGHTS_NAME).is_file() and not (tmp_path / ADAPTER_NAME).exists()
+
+
+def test_loading_for_another_window_fails_clearly(tmp_path):
+    trained_like(window=4).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="window=4"):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(), window=2)
+    # a config edited to another window no longer matches the stored tensors
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["window"] = 3
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="window=3.*shape mismatches"):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
+
+
+def test_loading_around_a_model_of_another_width_fails_clearly(tmp_path):
+    trained_like().save_pretrained(tmp_path, save_backbone=False)
+    with pytest.raises(ValueError, match="width 32.*width 64"):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(dim=64))
+
+
+def test_missing_files_and_newer_format(tmp_path):
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
+    trained_like().save_pretrained(tmp_path)
+    (tmp_path / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=ADAPTER_NAME):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["format_version"] = 99
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="upgrade"):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
+
+
+def test_offline_hub_repo_gives_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="someone/not-here"):
+        TensorARWrapper.from_pretrained("someone/not-here", tiny_llamagen(), local_files_only=True,
+                                        cache_dir=str(tmp_path))
+
+
+def test_custom_schedule_is_recorded_and_can_be_supplied_again(tmp_path):
+    wrapper = trained_like(noise_schedule=lambda u: u**2)
+    wrapper.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["noise_schedule"] == "custom"
+    schedule = lambda u: u**3  # noqa: E731
+    loaded = TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(), noise_schedule=schedule)
+    assert loaded._schedule is schedule
+
+
+def test_push_to_hub_uploads_safetensors_config_and_card(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["card"] = (Path(folder_path) / "README.md").read_text()
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = trained_like(freeze_backbone=True).push_to_hub("me/tensorar-tiny", token="t0k")
+    assert url == "https://hub/me/tensorar-tiny/commit/1"
+    assert calls["repo"] == ("me/tensorar-tiny", None, True) and calls["token"] == "t0k"
+    assert calls["files"] == ["README.md", ADAPTER_NAME, CONFIG_NAME]
+    assert "window (tokens per predicted tensor): 4" in calls["card"]

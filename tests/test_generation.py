@@ -1,0 +1,232 @@
+"""Refinement-aware generation: parities, history, step/cache accounting, sampling and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llamagen
+from test_wrapper import perturb_heads_
+
+from tensorar_plugin import TensorARWrapper, sample_plain
+from tensorar_plugin.adapters import find_adapter
+from tensorar_plugin.sampling import filter_logits, sample_tokens
+
+CLASSES = torch.tensor([0, 3, 3, 9])  # a batch of mixed classes
+
+
+def wrapped(window: int, seed: int = 0, **overrides) -> TensorARWrapper:
+    return perturb_heads_(TensorARWrapper(tiny_llamagen(seed=seed, **overrides), window=window), seed=seed).eval()
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_window_one_equals_plain_sampler_for_same_generator(cfg_scale):
+    wrapper = TensorARWrapper(tiny_llamagen(), window=1)
+    ours = wrapper.generate(CLASSES, cfg_scale=cfg_scale, top_k=20, generator=torch.Generator().manual_seed(5))
+    plain = sample_plain(wrapper.base_model, CLASSES, cfg_scale=cfg_scale, top_k=20,
+                         generator=torch.Generator().manual_seed(5))
+    assert ours.shape == (4, 16)
+    assert torch.equal(ours, plain)
+
+
+def _reference_plain_greedy(model, cond, cfg_scale):
+    """Textbook greedy decoding that re-runs the full sequence each step (no cache, no shared code)."""
+    seq = torch.empty(cond.shape[0], 0, dtype=torch.long)
+    for _ in range(16):
+        both = torch.cat([cond, torch.full_like(cond, model.num_classes)])
+        idx = torch.cat([seq, seq]) if seq.shape[1] else None
+        if idx is None:
+            model.setup_caches(both.shape[0], 20, torch.float32)
+            logits, _ = model(None, both, input_pos=torch.arange(1))
+            model.clear_caches()
+        else:
+            logits, _ = model(idx, both)
+        c, u = logits[:, -1].chunk(2)
+        seq = torch.cat([seq, (u + cfg_scale * (c - u)).argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def test_plain_sampler_matches_textbook_greedy_decoding():
+    model = tiny_llamagen()
+    with torch.no_grad():
+        expected = _reference_plain_greedy(model, CLASSES, 2.0)
+    assert torch.equal(sample_plain(model, CLASSES, cfg_scale=2.0, greedy=True), expected)
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+@pytest.mark.parametrize("model_type", ["c2i", "t2i"])
+def test_cached_generation_equals_recomputing_the_sequence(window, model_type):
+    if model_type == "c2i":
+        wrapper, cond = wrapped(window), CLASSES
+    else:
+        wrapper = wrapped(window, model_type="t2i", cls_token_num=5)
+        cond = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(0))
+    for draft in ("argmax", "sample"):
+        cached = wrapper.generate(cond, cfg_scale=2.0, greedy=True, draft=draft,
+                                  generator=torch.Generator().manual_seed(2))
+        uncached = wrapper.generate(cond, cfg_scale=2.0, greedy=True, draft=draft, use_cache=False,
+                                    generator=torch.Generator().manual_seed(2))
+        assert torch.equal(cached, uncached)
+    sampled = wrapper.generate(cond, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    resampled = wrapper.generate(cond, cfg_scale=2.0, top_p=0.9, generator=torch.Generator().manual_seed(1),
+                                 use_cache=False)
+    assert torch.equal(sampled, resampled)
+
+
+def test_drafts_change_the_result():
+    """The refinement path is live: the drafts fed back influence the committed tokens."""
+    wrapper = wrapped(4)
+    runs = [wrapper.generate(CLASSES, greedy=True, draft="sample", generator=torch.Generator().manual_seed(s))
+            for s in range(3)]
+    assert not all(torch.equal(runs[0], r) for r in runs[1:])  # only the sampled drafts differ between runs
+    argmax = wrapper.generate(CLASSES, greedy=True, draft="argmax", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(argmax, wrapper.generate(CLASSES, greedy=True, draft="argmax"))
+
+
+def test_fresh_wrapper_generates_exactly_what_the_base_generates():
+    fresh = TensorARWrapper(tiny_llamagen(), window=4)
+    plain = sample_plain(tiny_llamagen(), CLASSES, cfg_scale=2.0, greedy=True)
+    for draft in ("argmax", "sample"):
+        assert torch.equal(fresh.generate(CLASSES, cfg_scale=2.0, greedy=True, draft=draft), plain)
+
+
+def test_history_shape_order_and_final_entries():
+    wrapper = wrapped(4)
+    out = wrapper.generate(CLASSES, greedy=True, draft="argmax", return_history=True)
+    tokens, history = out
+    assert history.shape == (4, 16, 4)
+    assert torch.equal(history[..., -1], tokens)
+    # position t is predicted min(t + 1, k) times; earlier slots stay -1
+    for t in range(16):
+        predicted = min(t + 1, 4)
+        assert torch.all(history[:, t, 4 - predicted:] >= 0)
+        assert torch.all(history[:, t, : 4 - predicted] == -1)
+    # the coarsest draft of position t comes from step t - 3, which only saw tokens < t - 3
+    recomputed = wrapper.generate(CLASSES, greedy=True, draft="argmax", use_cache=False, return_history=True)
+    assert torch.equal(recomputed.history, history)
+
+
+class CountingAdapter:
+    """Counts forward steps and records cache sizes of the adapter it wraps."""
+
+    def __init__(self, adapter):
+        self.inner, self.calls, self.cache_rows = adapter, 0, []
+        original = adapter.forward_hidden
+
+        def counted(embeddings, input_pos=None):
+            self.calls += 1
+            self.cache_rows.append(embeddings.shape[1])
+            return original(embeddings, input_pos)
+
+        adapter.forward_hidden = counted
+
+
+def test_exactly_T_steps_one_position_each_and_base_cache_size():
+    wrapper = wrapped(4)
+    counter = CountingAdapter(wrapper.adapter)
+    wrapper.generate(CLASSES, cfg_scale=2.0)
+    assert counter.calls == 16
+    assert counter.cache_rows == [1] + [1] * 15  # prefill of the 1 condition token, then 1 new position per step
+    ours = wrapper.base_model.layers[0].attention.kv_cache.k_cache.shape
+
+    base = tiny_llamagen()
+    sample_plain(base, CLASSES, cfg_scale=2.0)
+    assert base.layers[0].attention.kv_cache.k_cache.shape == ours
+
+
+def test_static_caches_are_reused_between_calls():
+    wrapper = wrapped(2)
+    wrapper.generate(CLASSES)
+    first = wrapper.base_model.layers[0].attention.kv_cache.k_cache
+    wrapper.generate(torch.tensor([1, 2, 3, 4]))
+    assert wrapper.base_model.layers[0].attention.kv_cache.k_cache is first
+
+
+def test_generator_reproducibility_and_num_tokens():
+    wrapper = wrapped(3)
+    a = wrapper.generate(CLASSES, num_tokens=10, generator=torch.Generator().manual_seed(3))
+    b = wrapper.generate(CLASSES, num_tokens=10, generator=torch.Generator().manual_seed(3))
+    c = wrapper.generate(CLASSES, num_tokens=10, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (4, 10) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_top_k_one_is_greedy():
+    wrapper = wrapped(3)
+    assert torch.equal(wrapper.generate(CLASSES, top_k=1, draft="argmax", generator=torch.Generator()),
+                       wrapper.generate(CLASSES, greedy=True, draft="argmax"))
+
+
+def test_cfg_interval_switches_guidance_off_after_the_interval():
+    wrapper = wrapped(2)
+    always = wrapper.generate(CLASSES, cfg_scale=4.0, greedy=True, draft="argmax")
+    never_off = wrapper.generate(CLASSES, cfg_scale=4.0, greedy=True, draft="argmax", cfg_interval=100)
+    early_off = wrapper.generate(CLASSES, cfg_scale=4.0, greedy=True, draft="argmax", cfg_interval=0)
+    assert torch.equal(always, never_off)
+    assert torch.equal(always[:, :2], early_off[:, :2])  # prefill and the first decode step stay guided
+    assert not torch.equal(always, early_off)
+
+
+def test_generate_restores_training_mode_and_runs_in_bf16():
+    wrapper = wrapped(4).train()
+    wrapper.generate(CLASSES, num_tokens=4)
+    assert wrapper.training
+    bf16 = wrapped(4).to(torch.bfloat16)
+    tokens = bf16.generate(CLASSES, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (4, 16) and tokens.dtype == torch.long
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < 64
+
+
+def test_progress_bar(capsys):
+    wrapped(2).generate(CLASSES, progress=True)
+    assert "sampling" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"), ({"cfg_scale": -0.5}, "cfg_scale"), ({"top_k": -2}, "top_k"),
+        ({"num_tokens": 17}, "num_tokens"), ({"num_tokens": 0}, "num_tokens"), ({"draft": "beam"}, "draft"),
+    ],
+)
+def test_invalid_sampling_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        wrapped(2).generate(CLASSES, **kwargs)
+
+
+def test_invalid_conditions():
+    wrapper = wrapped(2)
+    with pytest.raises(ValueError, match="cond"):
+        wrapper.generate(torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="cond"):
+        wrapper.generate(torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="cfg_scale"):
+        wrapped(2, class_dropout_prob=0.0).generate(CLASSES, cfg_scale=2.0)
+    # the null class is a valid condition: unconditional samples
+    assert wrapper.generate(torch.tensor([10, 10])).shape == (2, 16)
+
+
+def test_sample_tokens_draws_from_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draws = sample_tokens(logits.expand(60000, -1), generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    torch.testing.assert_close(freq, logits.softmax(-1), atol=0.01, rtol=0)
+    hot = sample_tokens(logits.expand(20000, -1), temperature=0.5, generator=torch.Generator().manual_seed(1))
+    freq_hot = torch.bincount(hot, minlength=4).float() / hot.numel()
+    torch.testing.assert_close(freq_hot, (logits / 0.5).softmax(-1), atol=0.01, rtol=0)
+
+
+def test_filter_logits_matches_top_k_top_p_definitions():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    topk = filter_logits(logits, top_k=2)
+    assert torch.isinf(topk).tolist() == [[False, True, False, True, True]]
+    probs = logits.softmax(-1)[0]  # sorted: 3.0 (0.64), 2.0 (0.24), 1.0 (0.09), ...
+    nucleus = filter_logits(logits, top_p=0.7)  # 0.64 < 0.7, so the token that crosses it is kept
+    assert torch.isinf(nucleus).tolist() == [[False, True, False, True, True]]
+    assert probs[0] < 0.7 < probs[0] + probs[2]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[False, True, True, True, True]]
+
+
+def test_adapter_is_shared_with_plain_sampler():
+    model = tiny_llamagen()
+    adapter = find_adapter(model)
+    assert torch.equal(sample_plain(adapter, CLASSES, greedy=True), sample_plain(model, CLASSES, greedy=True))
