@@ -230,3 +230,17 @@ def test_adapter_is_shared_with_plain_sampler():
     model = tiny_llamagen()
     adapter = find_adapter(model)
     assert torch.equal(sample_plain(adapter, CLASSES, greedy=True), sample_plain(model, CLASSES, greedy=True))
+
+
+def test_compiled_decode_step_has_no_graph_breaks_and_same_tokens():
+    torch._dynamo.reset()
+    wrapper = wrapped(4)
+    options = {"backend": "aot_eager", "fullgraph": True}  # traces the whole step; no C++ toolchain needed
+    eager = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax")
+    compiled = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax", compile=options)
+    again = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax", compile=options)
+    assert torch.equal(eager, compiled) and torch.equal(eager, again)
+    assert len(wrapper._compiled_decode_steps) == 1
+    model = tiny_llamagen()
+    assert torch.equal(sample_plain(model, CLASSES, greedy=True, compile=options),
+                       sample_plain(model, CLASSES, greedy=True))

@@ -9,7 +9,7 @@ steps and `T` cache positions, as in plain next-token sampling, which is the `wi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -64,6 +64,7 @@ def generate_windows(
     use_cache: bool = True,
     return_history: bool = False,
     progress: bool = False,
+    compile: bool | dict[str, Any] = False,
 ) -> GenerationOutput:
     """The sampling loop behind `TensorARWrapper.generate` and `sample_plain`.
 
@@ -72,7 +73,9 @@ def generate_windows(
     drafts follow `draft`: "sample" draws them with the same temperature/top-k/top-p, "argmax" takes
     the most likely token. Classifier-free guidance runs the condition and its
     null counterpart as one batch and mixes every slot's logits; after `cfg_interval` decode steps
-    (when >= 0) the conditional logits are used alone, as in LlamaGen.
+    (when >= 0) the conditional logits are used alone, as in LlamaGen. `compile=True` (or a dict of
+    `torch.compile` options) compiles the cached decode step (embedding, backbone, heads) without graph
+    breaks; on CUDA the default mode is "reduce-overhead" (CUDA graphs).
     """
     check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     if draft not in DRAFT_MODES:
@@ -97,6 +100,7 @@ def generate_windows(
 
     if use_cache:
         adapter.setup_caches(rows, n_cond + total)
+        decode_step = _decode_step(adapter, embed_window, window_logits, compile)
     cond_emb = adapter.embed_condition(cond_all, train=False)
     current = None
     for step in tqdm(range(total), disable=not progress, desc="sampling", unit="tok", leave=False):
@@ -106,12 +110,13 @@ def generate_windows(
         else:
             fed_now = torch.cat([current, current]) if guided else current
             if use_cache:
-                hidden = adapter.forward_hidden(embed_window(fed_now[:, None]), positions[step - 1: step])[:, -1]
+                logits = decode_step(fed_now, positions[step - 1: step])
             else:
                 fed[:, step - 1] = fed_now
                 sequence = torch.cat([cond_emb, embed_window(fed[:, :step])], dim=1)
-                hidden = adapter.forward_hidden(sequence)[:, -1]
-        logits = window_logits(hidden)  # [rows, k, V]
+                logits = window_logits(adapter.forward_hidden(sequence)[:, -1])
+        if step == 0:
+            logits = window_logits(hidden)  # [rows, k, V]
         if guided:
             cond_logits, uncond_logits = logits.chunk(2)
             keep_guidance = cfg_interval < 0 or step - 1 <= cfg_interval
@@ -130,10 +135,32 @@ def generate_windows(
     return GenerationOutput(tokens, None if history is None else history[:, :total])
 
 
+def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, compile: bool | dict[str, Any]):
+    """One cached decode step, windows `[N, k]` + position `[1]` -> logits `[N, k, V]` (compiled on request)."""
+
+    def step(windows: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return window_logits(adapter.forward_hidden(embed_window(windows[:, None]), input_pos)[:, -1])
+
+    if not compile:
+        return step
+    options = dict(compile) if isinstance(compile, dict) else {}
+    options.setdefault("fullgraph", True)
+    if adapter.device.type == "cuda" and "backend" not in options:
+        options.setdefault("mode", "reduce-overhead")
+    # One compiled step per owner of the heads (the wrapper, or the adapter for plain sampling) and
+    # per options, kept on that owner: recompiling on every call would dominate the runtime.
+    owner = getattr(embed_window, "__self__", adapter)
+    cache = owner.__dict__.setdefault("_compiled_decode_steps", {})
+    key = tuple(sorted(options.items()))
+    if key not in cache:
+        cache[key] = torch.compile(step, **options)
+    return cache[key]
+
+
 def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cfg_scale: float = 1.0,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, generator: torch.Generator | None = None, use_cache: bool = True,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, compile: bool | dict[str, Any] = False) -> torch.Tensor:
     """Plain next-token sampling of `model` (LlamaGen `generate()` semantics); image tokens `[B, T]`.
 
     `model` is any model an adapter accepts (or a `BackboneAdapter`). Guidance, temperature, top-k
@@ -150,7 +177,7 @@ def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cf
             window_logits=lambda hidden: adapter.head(hidden)[:, None],
             num_tokens=num_tokens, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
             top_k=top_k, top_p=top_p, greedy=greedy, generator=generator, use_cache=use_cache,
-            progress=progress,
+            progress=progress, compile=compile,
         ).tokens
     finally:
         module.train(was_training)

@@ -252,12 +252,14 @@ class TensorARWrapper(nn.Module):
     def generate(self, cond: torch.Tensor, num_tokens: int | None = None, *, cfg_scale: float = 1.0,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, draft: str = "sample", generator: torch.Generator | None = None,
-                 use_cache: bool = True, return_history: bool = False, progress: bool = False):
+                 use_cache: bool = True, return_history: bool = False, progress: bool = False,
+                 compile: bool | dict = False):
         """Sample image tokens `[B, T]` the TensorAR way (see `generation.generate_windows`).
 
         `draft` picks how draft slots are chosen ("sample" like the final token, or "argmax");
         with `return_history=True` a `GenerationOutput(tokens, history)` is returned, where
         `history[b, t]` lists the `k` predictions of position `t` from coarsest draft to final.
+        `compile=True` (or `torch.compile` options) compiles the decode step.
         """
         was_training = self.training
         self.eval()
@@ -267,7 +269,7 @@ class TensorARWrapper(nn.Module):
                 window_logits=self.window_logits, num_tokens=num_tokens, cfg_scale=cfg_scale,
                 cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                 draft=draft, generator=generator, use_cache=use_cache, return_history=return_history,
-                progress=progress,
+                progress=progress, compile=compile,
             )
         finally:
             self.train(was_training)
