@@ -25,6 +25,7 @@ def main() -> int:
     from autoregressive.models import generate as ref_generate  # noqa: E402
     from autoregressive.models import gpt as ref_gpt  # noqa: E402
 
+    from tensorar_plugin import TensorARWrapper
     from tensorar_plugin.generation import sample_plain
     from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig
 
@@ -63,10 +64,29 @@ def main() -> int:
             ref_tokens = ref_generate.generate(ref, cond, 16, cfg_scale=2.0, sample_logits=False)
             our_tokens = sample_plain(ours, cond, cfg_scale=2.0, greedy=True)
         same = torch.equal(ref_tokens.long(), our_tokens.long())
-        ok = diff_full < 1e-5 and diff_cached < 1e-5 and same
+
+        # the reference object itself, wrapped (duck-typed adapter): window=1 is the reference exactly
+        # (dropout and label dropout stay on: the same seed must give the same result)
+        for layer in ref.layers:
+            layer.attention.kv_cache = None  # the reference cannot run a training forward with caches set
+        ref.train()
+        torch.manual_seed(7)
+        ref_train, ref_loss = ref(tokens[:, :-1], cond, targets=tokens)
+        wrapped = TensorARWrapper(ref, window=1).train()
+        torch.manual_seed(7)
+        out = wrapped(tokens, cond)
+        wrapped_equal = torch.equal(out.logits[:, :, 0], ref_train) and torch.equal(out.loss, ref_loss)
+        tensorar = TensorARWrapper(ref, window=4).eval()
+        with torch.no_grad():
+            cached = tensorar.generate(cond, greedy=True, draft="argmax")
+            uncached = tensorar.generate(cond, greedy=True, draft="argmax", use_cache=False)
+        wrapped_ok = wrapped_equal and torch.equal(cached, uncached)
+
+        ok = diff_full < 1e-5 and diff_cached < 1e-5 and same and wrapped_ok
         failures += not ok
         print(f"{model_type}: full-sequence max|diff| {diff_full:.2e}, prefill+decode max|diff| "
-              f"{diff_cached:.2e}, greedy generate() tokens equal: {same} -> {'OK' if ok else 'MISMATCH'}")
+              f"{diff_cached:.2e}, greedy generate() tokens equal: {same}, wrapped reference (k=1 exact, "
+              f"k=4 cached == uncached): {wrapped_ok} -> {'OK' if ok else 'MISMATCH'}")
     return int(failures > 0)
 
 
