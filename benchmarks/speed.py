@@ -42,14 +42,17 @@ def sync(device: str) -> None:
 
 
 def timed(fn, device: str, repeats: int) -> list[float]:
+    """Seconds per call: wall clock on GPUs; on CPUs the process's CPU time, which other processes
+    sharing the machine do not inflate (run with --threads 1 so it equals the work done)."""
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     fn()  # warm-up (and compilation)
     sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
+                        help="torch CPU threads (0 keeps torch's default); 1 makes CPU timings robust to load")
     parser.add_argument("--reference", help="path of a LlamaGen checkout: also time its own generate()")
     parser.add_argument("--compile", action="store_true", help="also time LlamaGen's compiled generate()")
     parser.add_argument("--compile-ours", action="store_true", help="compile our decode step (generate(compile=))")
@@ -78,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/speed.json", help="where to write the results")
     args = parser.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if args.device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     bandwidth = copy_bandwidth(args.device)

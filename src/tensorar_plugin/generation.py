@@ -122,14 +122,16 @@ def generate_windows(
             keep_guidance = cfg_interval < 0 or step - 1 <= cfg_interval
             logits = guided_logits(cond_logits, uncond_logits, cfg_scale) if keep_guidance else cond_logits
 
-        final = sample_tokens(logits[:, 0], **sampling)
-        if k > 1:
+        if draft == "sample" and not greedy:  # one draw for the whole window
+            current = sample_tokens(logits, **sampling)
+        else:
+            final = sample_tokens(logits[:, :1], **sampling)
             drafts = (logits[:, 1:].argmax(dim=-1) if draft == "argmax"
                       else sample_tokens(logits[:, 1:], **{**sampling, "greedy": False}))
-            current = torch.cat([final[:, None], drafts], dim=1).masked_fill(step + slots >= total, PAD_ID)
-        else:
-            current = final[:, None]
-        tokens[:, step] = final
+            current = torch.cat([final, drafts], dim=1)
+        if k > 1:
+            current = current.masked_fill(step + slots >= total, PAD_ID)
+        tokens[:, step] = current[:, 0]
         if history is not None:
             history[:, step + slots, k - 1 - slots] = current
     return GenerationOutput(tokens, None if history is None else history[:, :total])

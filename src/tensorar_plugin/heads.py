@@ -4,7 +4,7 @@ Both are residual branches whose last projection starts at zero, so a freshly wr
 exactly what the base model computes; fine-tuning then grows them from there.
 
 * `TensorEncoder`: the `k` embeddings of an input window (plus slot embeddings) and one learned
-  query go through `depth` bidirectional blocks; the query's output, projected back to the model
+  query go through `depth` bidirectional blocks (timm ViT layout); the query's output, projected back to the model
   width, is added to the base embedding of the window's first token.
 * `TensorDecoder`: one backbone hidden state is copied into `k` slot tokens (plus slot embeddings),
   mixed by `depth` blocks, and projected to `k` residual updates of that hidden state. Slot 0 gets
@@ -17,7 +17,8 @@ the paper's +4.6% of LlamaGen-B.
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Block
+import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import nn
 
 __all__ = ["TensorEncoder", "TensorDecoder", "default_num_heads"]
@@ -33,21 +34,60 @@ def default_num_heads(hidden_dim: int) -> int:
     return 1
 
 
+class QueryAttention(nn.Module):
+    """Bidirectional multi-head self-attention whose queries can be restricted to some rows."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide hidden_dim ({dim})")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        n, length, dim = x.shape
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, rows], w[:dim], b[:dim])
+        k, v = F.linear(x, w[dim:], b[dim:]).chunk(2, dim=-1)
+        heads = lambda t: t.reshape(n, t.shape[1], self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return self.proj(out.transpose(1, 2).reshape(n, -1, dim))
+
+
+class QueryBlock(nn.Module):
+    """Pre-norm transformer block (timm ViT layout and numerics) that can compute only the rows it is asked for.
+
+    The last block of each query transformer only needs the outputs of some rows (the query token of
+    the encoder, the draft slots of the decoder); skipping the others halves the encoder's work.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = QueryAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        x = x[:, rows] + self.attn(self.norm1(x), rows)
+        return x + self.mlp(self.norm2(x))
+
+
 class _QueryTransformer(nn.Module):
-    """In-projection, `depth` pre-norm ViT blocks (timm) and a final LayerNorm at width `hidden_dim`."""
+    """In-projection, `depth` query blocks and a final LayerNorm at width `hidden_dim`."""
 
     def __init__(self, dim: int, hidden_dim: int, depth: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         self.in_proj = nn.Linear(dim, hidden_dim)
-        self.blocks = nn.ModuleList(
-            Block(hidden_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(QueryBlock(hidden_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(hidden_dim)
 
-    def mix(self, tokens: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
+    def mix(self, tokens: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Run the blocks; the last one computes only `rows` (earlier ones feed every row onward)."""
+        for block in self.blocks[:-1]:
             tokens = block(tokens)
-        return self.norm(tokens)
+        return self.norm(self.blocks[-1](tokens, rows))
 
 
 def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -74,7 +114,7 @@ class TensorEncoder(_QueryTransformer):
         lead = slot_embeddings.shape[:-2]
         tokens = self.in_proj(slot_embeddings.flatten(0, -3)) + self.slot_embed
         query = self.query.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        mixed = self.mix(torch.cat([query, tokens], dim=1))
+        mixed = self.mix(torch.cat([query, tokens], dim=1), slice(0, 1))
         return self.out_proj(mixed[:, 0]).reshape(*lead, -1)
 
 
@@ -93,6 +133,6 @@ class TensorDecoder(_QueryTransformer):
         lead = hidden.shape[:-1]
         flat = hidden.reshape(-1, hidden.shape[-1])
         tokens = self.in_proj(self.in_norm(flat))[:, None, :] + self.slot_embed
-        updates = self.out_proj(self.mix(tokens)[:, 1:])  # [N, k-1, dim]
+        updates = self.out_proj(self.mix(tokens, slice(1, None)))  # [N, k-1, dim]
         slots = torch.cat([flat[:, None, :], flat[:, None, :] + updates.to(flat.dtype)], dim=1)
         return slots.reshape(*lead, self.window, -1)
