@@ -244,3 +244,27 @@ def test_compiled_decode_step_has_no_graph_breaks_and_same_tokens():
     model = tiny_llamagen()
     assert torch.equal(sample_plain(model, CLASSES, greedy=True, compile=options),
                        sample_plain(model, CLASSES, greedy=True))
+
+
+def test_condition_mask_hides_padded_text_tokens_in_generation_and_training():
+    wrapper = wrapped(4, model_type="t2i", cls_token_num=5)
+    gen = torch.Generator().manual_seed(0)
+    caption = torch.randn(2, 5, 24, generator=gen)
+    other = caption.clone()
+    other[:, :2] = torch.randn(2, 2, 24, generator=gen)  # differs only where the mask hides it
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]])  # left padding, as LlamaGen's t2i sampler
+    kwargs = dict(cfg_scale=2.0, greedy=True, draft="argmax")
+    masked = wrapper.generate(caption, cond_mask=mask, **kwargs)
+    assert torch.equal(masked, wrapper.generate(other, cond_mask=mask, **kwargs))
+    assert torch.equal(masked, wrapper.generate(caption, cond_mask=mask, use_cache=False, **kwargs))
+    unmasked = wrapper.generate(caption, **kwargs)
+    assert not torch.equal(unmasked, wrapper.generate(other, **kwargs))
+    assert torch.equal(unmasked, wrapper.generate(caption, use_cache=False, **kwargs))  # the mask was reset
+
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        a = wrapper(tokens, caption, cond_mask=mask).logits
+        b = wrapper(tokens, other, cond_mask=mask).logits
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="cond_mask"):
+        wrapper.generate(caption, cond_mask=mask[:, :3])

@@ -64,6 +64,12 @@ def main() -> int:
             ref_tokens = ref_generate.generate(ref, cond, 16, cfg_scale=2.0, sample_logits=False)
             our_tokens = sample_plain(ours, cond, cfg_scale=2.0, greedy=True)
         same = torch.equal(ref_tokens.long(), our_tokens.long())
+        if model_type == "t2i":  # padded captions: LlamaGen's emb_masks vs our cond_mask
+            mask = torch.ones(2, 120, dtype=torch.long)
+            mask[0, :50] = 0
+            ref_masked = ref_generate.generate(ref, cond, 16, emb_masks=mask, cfg_scale=2.0, sample_logits=False)
+            ours_masked = sample_plain(ours, cond, cfg_scale=2.0, greedy=True, cond_mask=mask)
+            same = same and torch.equal(ref_masked.long(), ours_masked.long())
 
         # the reference object itself, wrapped (duck-typed adapter): window=1 is the reference exactly
         # (dropout and label dropout stay on: the same seed must give the same result)

@@ -18,7 +18,7 @@ from .adapters import BackboneAdapter, find_adapter
 from .noise import PAD_ID
 from .sampling import check_sampling_args, guided_logits, sample_tokens
 
-__all__ = ["GenerationOutput", "generate_windows", "sample_plain"]
+__all__ = ["GenerationOutput", "generate_windows", "sample_plain", "check_cond_mask"]
 
 DRAFT_MODES = ("sample", "argmax")
 
@@ -65,6 +65,7 @@ def generate_windows(
     return_history: bool = False,
     progress: bool = False,
     compile: bool | dict[str, Any] = False,
+    cond_mask: torch.Tensor | None = None,
 ) -> GenerationOutput:
     """The sampling loop behind `TensorARWrapper.generate` and `sample_plain`.
 
@@ -75,7 +76,8 @@ def generate_windows(
     null counterpart as one batch and mixes every slot's logits; after `cfg_interval` decode steps
     (when >= 0) the conditional logits are used alone, as in LlamaGen. `compile=True` (or a dict of
     `torch.compile` options) compiles the cached decode step (embedding, backbone, heads) without graph
-    breaks; on CUDA the default mode is "reduce-overhead" (CUDA graphs).
+    breaks; on CUDA the default mode is "reduce-overhead" (CUDA graphs). `cond_mask` `[B, n_cond]`
+    (1 = real token) hides padded condition positions, like LlamaGen's `emb_masks` for text.
     """
     check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     if draft not in DRAFT_MODES:
@@ -89,6 +91,9 @@ def generate_windows(
         raise ValueError("cfg_scale != 1 needs a null condition, but this model was built without condition "
                          "dropout (class_dropout_prob = 0)")
     cond_all = torch.cat([cond, adapter.null_condition(cond)]) if guided else cond
+    mask_kwargs = {}
+    if cond_mask is not None:
+        mask_kwargs["cond_mask"] = check_cond_mask(cond_mask, adapter, batch, guided)
     rows, n_cond, k, device = cond_all.shape[0], adapter.num_cond_tokens, window, adapter.device
 
     positions = torch.arange(n_cond, n_cond + total, device=device)
@@ -99,14 +104,14 @@ def generate_windows(
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
 
     if use_cache:
-        adapter.setup_caches(rows, n_cond + total)
+        adapter.setup_caches(rows, n_cond + total, **mask_kwargs)
         decode_step = _decode_step(adapter, embed_window, window_logits, compile)
     cond_emb = adapter.embed_condition(cond_all, train=False)
     current = None
     for step in tqdm(range(total), disable=not progress, desc="sampling", unit="tok", leave=False):
         if step == 0:
             pos = torch.arange(n_cond, device=device) if use_cache else None
-            hidden = adapter.forward_hidden(cond_emb, pos)[:, -1]
+            hidden = adapter.forward_hidden(cond_emb, pos, **({} if use_cache else mask_kwargs))[:, -1]
         else:
             fed_now = torch.cat([current, current]) if guided else current
             if use_cache:
@@ -114,7 +119,7 @@ def generate_windows(
             else:
                 fed[:, step - 1] = fed_now
                 sequence = torch.cat([cond_emb, embed_window(fed[:, :step])], dim=1)
-                logits = window_logits(adapter.forward_hidden(sequence)[:, -1])
+                logits = window_logits(adapter.forward_hidden(sequence, **mask_kwargs)[:, -1])
         if step == 0:
             logits = window_logits(hidden)  # [rows, k, V]
         if guided:
@@ -135,6 +140,18 @@ def generate_windows(
         if history is not None:
             history[:, step + slots, k - 1 - slots] = current
     return GenerationOutput(tokens, None if history is None else history[:, :total])
+
+
+def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: int, guided: bool) -> torch.Tensor:
+    """Validate a `[B, n_cond]` condition mask; boolean, duplicated for the null half under guidance."""
+    if not adapter.condition_mask_supported():
+        raise ValueError(f"cond_mask is not supported by {type(adapter).__name__}")
+    expected = (batch, adapter.num_cond_tokens)
+    if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != expected:
+        raise ValueError(f"cond_mask must have shape {expected} (batch, condition tokens), got "
+                         f"{tuple(getattr(cond_mask, 'shape', ()))}")
+    cond_mask = cond_mask.to(adapter.device).bool()
+    return torch.cat([cond_mask, cond_mask]) if guided else cond_mask
 
 
 def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, compile: bool | dict[str, Any]):
@@ -162,7 +179,8 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, compile:
 def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cfg_scale: float = 1.0,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, generator: torch.Generator | None = None, use_cache: bool = True,
-                 progress: bool = False, compile: bool | dict[str, Any] = False) -> torch.Tensor:
+                 progress: bool = False, compile: bool | dict[str, Any] = False,
+                 cond_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Plain next-token sampling of `model` (LlamaGen `generate()` semantics); image tokens `[B, T]`.
 
     `model` is any model an adapter accepts (or a `BackboneAdapter`). Guidance, temperature, top-k
@@ -179,7 +197,7 @@ def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cf
             window_logits=lambda hidden: adapter.head(hidden)[:, None],
             num_tokens=num_tokens, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
             top_k=top_k, top_p=top_p, greedy=greedy, generator=generator, use_cache=use_cache,
-            progress=progress, compile=compile,
+            progress=progress, compile=compile, cond_mask=cond_mask,
         ).tokens
     finally:
         module.train(was_training)

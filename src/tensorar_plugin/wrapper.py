@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import BackboneAdapter, find_adapter
-from .generation import GenerationOutput, generate_windows
+from .generation import GenerationOutput, check_cond_mask, generate_windows
 from .heads import TensorDecoder, TensorEncoder
 from .noise import SCHEDULES, discrete_tensor_noise
 from .windows import IGNORE_INDEX, input_windows, target_windows
@@ -211,11 +211,12 @@ class TensorARWrapper(nn.Module):
                              f"(min {low}, max {high})")
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor, *, force_drop_ids: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> TensorAROutput:
+                generator: torch.Generator | None = None, cond_mask: torch.Tensor | None = None) -> TensorAROutput:
         """Teacher-forced next-tensor prediction over the image tokens `[B, T]` given `cond`.
 
         In training mode draft slots are noised (`generator` makes it reproducible) and the base
-        model's condition dropout applies; in eval mode inputs are clean.
+        model's condition dropout applies; in eval mode inputs are clean. `cond_mask` `[B, n_cond]`
+        hides padded condition tokens (text conditions).
         """
         self._check_tokens(tokens)
         self.adapter.check_condition(cond, tokens.shape[0])
@@ -228,7 +229,10 @@ class TensorARWrapper(nn.Module):
                 windows = discrete_tensor_noise(windows, self.vocab_size, self._schedule,
                                                 max_noise=self.config.max_noise, generator=generator)
             embeddings = torch.cat([embeddings, self.embed_windows(windows)], dim=1)
-        hidden = self.adapter.forward_hidden(embeddings)[:, self.adapter.num_cond_tokens - 1:]
+        mask_kwargs = {}
+        if cond_mask is not None:
+            mask_kwargs["cond_mask"] = check_cond_mask(cond_mask, self.adapter, tokens.shape[0], guided=False)
+        hidden = self.adapter.forward_hidden(embeddings, **mask_kwargs)[:, self.adapter.num_cond_tokens - 1:]
         logits = self.window_logits(hidden)
         targets = target_windows(tokens, k)
         loss, slot_losses = self._loss(logits, targets)
@@ -253,7 +257,7 @@ class TensorARWrapper(nn.Module):
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, draft: str = "sample", generator: torch.Generator | None = None,
                  use_cache: bool = True, return_history: bool = False, progress: bool = False,
-                 compile: bool | dict = False):
+                 compile: bool | dict = False, cond_mask: torch.Tensor | None = None):
         """Sample image tokens `[B, T]` the TensorAR way (see `generation.generate_windows`).
 
         `draft` picks how draft slots are chosen ("sample" like the final token, or "argmax");
@@ -269,7 +273,7 @@ class TensorARWrapper(nn.Module):
                 window_logits=self.window_logits, num_tokens=num_tokens, cfg_scale=cfg_scale,
                 cfg_interval=cfg_interval, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                 draft=draft, generator=generator, use_cache=use_cache, return_history=return_history,
-                progress=progress, compile=compile,
+                progress=progress, compile=compile, cond_mask=cond_mask,
             )
         finally:
             self.train(was_training)

@@ -122,6 +122,10 @@ class BackboneAdapter(ABC):
     def clear_caches(self) -> None:
         """Free the KV caches."""
 
+    def condition_mask_supported(self) -> bool:
+        """Whether `setup_caches` / `forward_hidden` accept `cond_mask` (padded text conditions)."""
+        return False
+
     # -- validation --------------------------------------------------------------------------
     def check_condition(self, cond, batch_size: int | None = None, *, name: str = "cond") -> int:
         """Raise `ValueError` naming `name` if `cond` does not fit this model; return its batch size."""

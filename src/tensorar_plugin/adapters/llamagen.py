@@ -90,7 +90,21 @@ class LlamaGenAdapter(BackboneAdapter):
 
         return isinstance(self.model, LlamaGen)
 
-    def forward_hidden(self, embeddings: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def condition_mask_supported(self) -> bool:
+        return True
+
+    def _masked_causal(self, length: int, cond_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, length, length]` causal mask whose condition columns follow `cond_mask` `[B, n_cond]`
+        (1 = real token); the diagonal stays visible so padded rows still attend to themselves.
+        Same rule as LlamaGen's `generate(emb_masks=...)`."""
+        mask = torch.ones(length, length, dtype=torch.bool, device=cond_mask.device).tril()
+        mask = mask.expand(cond_mask.shape[0], -1, -1).clone()
+        n_cond = cond_mask.shape[1]
+        mask[:, :, :n_cond] &= cond_mask.bool()[:, None, :]
+        return mask | torch.eye(length, dtype=torch.bool, device=cond_mask.device)
+
+    def forward_hidden(self, embeddings: torch.Tensor, input_pos: torch.Tensor | None = None,
+                       cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         model = self.model
         if input_pos is None and not self._uses_our_cache() and model.layers[0].attention.kv_cache is not None:
             self.clear_caches()  # the reference attention would write a cached forward into its cache
@@ -101,6 +115,8 @@ class LlamaGenAdapter(BackboneAdapter):
             model.freqs_cis = freqs
         if input_pos is None:
             freqs, mask = freqs[: h.shape[1]], None
+            if cond_mask is not None:
+                mask = self._masked_causal(h.shape[1], cond_mask)[:, None]
         else:
             freqs, mask = freqs[input_pos], model.causal_mask[: h.shape[0], None, input_pos]
         for layer in model.layers:
@@ -110,18 +126,25 @@ class LlamaGenAdapter(BackboneAdapter):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.output(self.model.norm(hidden)).float()
 
-    def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
+    def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None,
+                     cond_mask: torch.Tensor | None = None) -> None:
         dtype = dtype or self.dtype
-        shape = (batch_size, max_seq_length)
         attn = self.model.layers[0].attention
         cache = attn.kv_cache
-        if (self._cache_shape is not None and cache is not None and cache.k_cache.dtype == dtype
-                and cache.k_cache.device == self.device and self._cache_shape[0] == batch_size
-                and self._cache_shape[1] >= max_seq_length):
-            return  # static caches are reused: stale entries past the current position are masked out
-        with torch.device(self.device):  # the reference allocates on the default device
-            self.model.setup_caches(batch_size, max_seq_length, dtype)
-        self._cache_shape = shape
+        reusable = (self._cache_shape is not None and cache is not None and cache.k_cache.dtype == dtype
+                    and cache.k_cache.device == self.device and self._cache_shape[0] == batch_size
+                    and self._cache_shape[1] >= max_seq_length)
+        if not reusable:  # static caches are reused: stale entries past the current position are masked out
+            with torch.device(self.device):  # the reference allocates on the default device
+                self.model.setup_caches(batch_size, max_seq_length, dtype)
+            self._cache_shape = (batch_size, max_seq_length)
+        length = self.model.causal_mask.shape[-1]
+        if cond_mask is not None:
+            self.model.causal_mask.copy_(self._masked_causal(length, cond_mask.to(self.device)))
+            self._masked = True
+        elif getattr(self, "_masked", False):  # undo a previous call's condition mask
+            self.model.causal_mask.copy_(torch.ones(length, length, dtype=torch.bool, device=self.device).tril())
+            self._masked = False
 
     def clear_caches(self) -> None:
         for layer in self.model.layers:
