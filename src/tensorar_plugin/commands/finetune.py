@@ -1,0 +1,189 @@
+"""`tensorar finetune`: fine-tune a LlamaGen checkpoint as a TensorAR model on precomputed codes.
+
+    tensorar finetune --model c2i_B_256 --codes /data/imagenet_codes --window 4 --out runs/b256
+    torchrun --nproc_per_node 8 -m tensorar_plugin.cli finetune --model c2i_L_384 --image-size 384 ...
+
+The codes folder has LlamaGen's layout (`extract_codes_c2i.py`, or `tensorar_plugin.data.tokenize_images`).
+The run writes `metrics.jsonl`, `checkpoint-<step>/` folders and the final model to `<out>/final`
+(load it with `TensorARWrapper.from_pretrained(path, load_llamagen(...))`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+from typing import Any
+
+__all__ = ["register", "run", "parse_overrides"]
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`["n_head=4", "model_type=c2i"]` -> `{"n_head": 4, "model_type": "c2i"}` (Python literals, else strings)."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-config expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _optional_bool(text: str) -> bool | None:
+    value = text.lower()
+    if value in ("auto", "none"):
+        return None
+    if value in ("yes", "true", "1"):
+        return True
+    if value in ("no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, yes or no, got {text!r}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..noise import SCHEDULES
+    from ..train import LR_SCHEDULES, PRECISIONS
+
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a LlamaGen checkpoint into a TensorAR model on precomputed codes",
+        description="Fine-tune a LlamaGen GPT as a TensorAR (next-tensor prediction) model on precomputed VQ "
+                    "codes. Works on one GPU/CPU and under torchrun (DDP, or FSDP with --fsdp). Defaults follow "
+                    "LlamaGen's c2i training recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="LlamaGen checkpoint: a registry name (e.g. c2i_B_256, downloaded from the Hugging Face "
+                            "Hub) or a local .pt / .safetensors file")
+    model.add_argument("--preset", default=None,
+                       help="LlamaGen preset (GPT-B, GPT-L, ...) when it cannot be inferred from the weights")
+    model.add_argument("--image-size", type=int, default=None,
+                       help="image size the codes were extracted at (sets the token grid: image_size // 16 per "
+                            "side); default: the checkpoint's")
+    model.add_argument("--model-config", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a LlamaGenConfig field (repeatable), e.g. n_head=4 or resid_dropout_p=0.0")
+    model.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for registry downloads")
+    model.add_argument("--local-files-only", action="store_true",
+                       help="never download: use the Hugging Face cache or local files only")
+    model.add_argument("--init-from", default=None,
+                       help="start from a saved TensorAR model (a save_pretrained folder) instead of fresh TensorAR "
+                            "parts")
+
+    tensorar = parser.add_argument_group("TensorAR")
+    tensorar.add_argument("--window", type=int, default=4, help="tokens per predicted tensor (k)")
+    tensorar.add_argument("--noise-schedule", default="exponential", choices=sorted(SCHEDULES),
+                          help="how the draft-slot noise grows across the window")
+    tensorar.add_argument("--max-noise", type=float, default=1.0,
+                          help="replacement probability of the last draft slot")
+    tensorar.add_argument("--encoder-depth", type=int, default=1, help="blocks of the tensor encoder")
+    tensorar.add_argument("--decoder-depth", type=int, default=1, help="blocks of the tensor decoder")
+    tensorar.add_argument("--freeze-backbone", action="store_true",
+                          help="train only the TensorAR parts (checkpoints then hold only those, adapter-style)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--codes", required=True,
+                      help="folder with <name>_codes/ and <name>_labels/ (LlamaGen's extract_codes_c2i.py layout), "
+                           "or the <name>_codes folder itself")
+    data.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes per GPU")
+    data.add_argument("--no-augment", action="store_true",
+                      help="always use the first stored augmentation instead of a random one")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=10_000, help="optimizer steps")
+    optim.add_argument("--batch-size", type=int, default=256,
+                       help="global batch per optimizer step, over all GPUs and accumulation steps (LlamaGen: 256)")
+    optim.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    optim.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (LlamaGen uses none)")
+    optim.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                       help="learning rate after warm-up")
+    optim.add_argument("--weight-decay", type=float, default=0.05,
+                       help="AdamW weight decay on parameters with >= 2 dims (LlamaGen)")
+    optim.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    optim.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables clipping)")
+    optim.add_argument("--precision", default="bf16", choices=PRECISIONS,
+                       help="bf16 autocast (float32 weights) or plain float32")
+    optim.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                       help="keep an EMA of the weights with this decay (e.g. 0.9999), saved in ema/ folders")
+    optim.add_argument("--fsdp", action="store_true",
+                       help="shard the model with FSDP (under torchrun) for models that do not fit one GPU")
+
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--out", default="tensorar_finetune", help="output folder")
+    run_group.add_argument("--save-every", type=int, default=1000,
+                           help="steps between checkpoints (0: only at the end)")
+    run_group.add_argument("--keep-checkpoints", type=int, default=None,
+                           help="keep only the newest N checkpoints (default: all)")
+    run_group.add_argument("--save-backbone", type=_optional_bool, default=None, metavar="{auto,yes,no}",
+                           help="include the backbone in saved weights (auto: unless --freeze-backbone)")
+    run_group.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
+    run_group.add_argument("--resume", default=None,
+                           help="checkpoint folder to resume from, or 'latest' (newest in --out, if any)")
+    run_group.add_argument("--seed", type=int, default=0, help="random seed (data order, noise, new parts)")
+    run_group.add_argument("--device", default=None,
+                           help="device, e.g. cuda, cuda:1 or cpu (default: cuda:<LOCAL_RANK> if available)")
+    run_group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import CodesDataset
+    from ..hub import load_llamagen
+    from ..train import TrainConfig, Trainer, distributed_info, init_distributed
+    from ..wrapper import TensorARWrapper
+
+    owns_group = init_distributed(args.device)
+    rank = distributed_info()[0]
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    log = logging.getLogger("tensorar_plugin.finetune")
+    try:
+        overrides = parse_overrides(args.model_config)
+        model = load_llamagen(args.model, preset=args.preset, image_size=args.image_size, cache_dir=args.cache_dir,
+                              local_files_only=args.local_files_only, **overrides)
+        if model.model_type != "c2i":
+            raise ValueError(f"{args.model} is a text-conditional model; `tensorar finetune` trains class-conditional "
+                             f"models on class-labelled codes. Use tensorar_plugin.train.Trainer with a dataset of "
+                             f"(codes, caption features) for text-conditional fine-tuning.")
+        torch.manual_seed(args.seed)  # the TensorAR parts start identical on every rank
+        if args.init_from:
+            wrapper = TensorARWrapper.from_pretrained(args.init_from, model, window=args.window)
+            wrapper.set_backbone_frozen(args.freeze_backbone)
+        else:
+            wrapper = TensorARWrapper(model, window=args.window, noise_schedule=args.noise_schedule,
+                                      max_noise=args.max_noise, encoder_depth=args.encoder_depth,
+                                      decoder_depth=args.decoder_depth, freeze_backbone=args.freeze_backbone)
+        dataset = CodesDataset(args.codes, num_tokens=model.block_size, codebook_size=wrapper.vocab_size,
+                               num_classes=model.num_classes, seed=args.seed, augment=not args.no_augment)
+        log.info("dataset: %r", dataset)
+        config = TrainConfig(
+            lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip or None, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
+            max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
+            mixed_precision=args.precision, ema_decay=args.ema, log_every=args.log_every,
+            ckpt_every=args.save_every, keep_checkpoints=args.keep_checkpoints, out_dir=args.out, seed=args.seed,
+            num_workers=args.num_workers, device=args.device, fsdp=args.fsdp, save_backbone=args.save_backbone,
+            resume_from=args.resume, progress=not args.no_progress,
+            extra={"model": str(args.model), "image_size": args.image_size, "model_config": overrides,
+                   "codes": str(args.codes), "window": args.window},
+        )
+        trainer = Trainer(wrapper, dataset, config)
+        metrics = trainer.train()
+        if rank == 0:
+            loss = metrics.get("loss")
+            print(f"fine-tuned to step {trainer.step}" + (f" (loss {loss:.4f})" if loss is not None else "")
+                  + f"; model saved to {trainer.out_dir / 'final'}")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tensorar finetune: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0

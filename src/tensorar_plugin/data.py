@@ -1,0 +1,504 @@
+"""Datasets of image tokens for fine-tuning, and a tokenizer that writes LlamaGen's code layout.
+
+LlamaGen trains on precomputed VQ codes rather than on pixels. Its extraction script writes, for
+every image ``i``, two NumPy files::
+
+    <root>/<name>_codes/<i>.npy    int64, shape (1, n_aug, h*w)   (n_aug = 2: the image and its mirror)
+    <root>/<name>_labels/<i>.npy   int64, shape (1,)              (the class id)
+
+:class:`CodesDataset` reads that layout (arrays of shape ``(n_aug, h*w)`` or ``(h*w,)`` work as
+well) and picks one augmentation per item; :class:`TokenDataset` serves in-memory tensors the same
+way; :func:`tokenize_images` writes the layout from an image folder (one sub-folder per class, as
+torchvision's ``ImageFolder``) or from arrays / PIL images, with a :class:`~tensorar_plugin.models.vq.VQModel`.
+
+Both datasets return ``(codes, label)``: a ``LongTensor [h*w]`` and a 0-d ``LongTensor``. Which
+augmentation an item uses is drawn from a generator seeded with ``(seed, epoch, index)``, so it does
+not depend on the number of data-loader workers or on the order in which items are read, and a
+resumed run sees exactly the augmentations the uninterrupted run would have seen (call
+``set_epoch`` at the start of every epoch, as :class:`~tensorar_plugin.train.Trainer` does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+__all__ = ["CodesDataset", "TokenDataset", "tokenize_images", "IMAGE_EXTENSIONS", "center_crop"]
+
+#: File extensions `tokenize_images` reads from a folder (compared case-insensitively).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+CODES_SUFFIX = "_codes"
+LABELS_SUFFIX = "_labels"
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _pick_augmentation(seed: int, epoch: int, index: int, n_aug: int) -> int:
+    """Augmentation used by item `index` in `epoch`: uniform over `n_aug`, a pure function of its inputs."""
+    if n_aug <= 1:
+        return 0
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, index & 0xFFFFFFFF])
+    return int(rng.integers(n_aug))
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def _check_ids(ids: np.ndarray, codebook_size: int | None, where: str) -> None:
+    """ValueError naming `where` when `ids` holds negative ids or ids >= codebook_size."""
+    if ids.size == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        raise ValueError(f"{where}: token ids must be >= 0, found {low}")
+    if codebook_size is not None and high >= codebook_size:
+        raise ValueError(f"{where}: token id {high} is beyond the codebook (codebook_size={codebook_size}, "
+                         f"valid ids 0..{codebook_size - 1}); were these codes made with another tokenizer?")
+
+
+def _codes_matrix(array: np.ndarray, where: str) -> np.ndarray:
+    """Codes of one image as `[n_aug, length]`, from `(1, n_aug, L)`, `(n_aug, L)` or `(L,)`."""
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{where}: codes must be integer token ids, got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    elif array.ndim == 1:
+        array = array[None]
+    elif array.ndim != 2:
+        raise ValueError(f"{where}: codes must have shape (1, n_aug, h*w), (n_aug, h*w) or (h*w,), "
+                         f"got {array.shape}")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"{where}: codes array is empty (shape {array.shape})")
+    return array
+
+
+def _check_length(length: int, num_tokens: int | None, where: str, reference: str | None = None) -> None:
+    if num_tokens is not None and length != num_tokens:
+        source = f" (as in {reference})" if reference else ""
+        side = math.isqrt(num_tokens)
+        grid = f", a {side}x{side} grid" if side * side == num_tokens else ""
+        raise ValueError(f"{where}: wrong grid size: {length} tokens per image, expected {num_tokens}{grid}{source}. "
+                         f"Were the codes extracted at another image size or with another tokenizer?")
+    if not _is_square(length):
+        raise ValueError(f"{where}: wrong grid size: {length} tokens per image is not a square h x w grid")
+
+
+def _label_value(array: np.ndarray, num_classes: int | None, where: str) -> int:
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{where}: the label must be an integer class id, got dtype {array.dtype}")
+    if array.size != 1:
+        raise ValueError(f"{where}: a label file must hold one class id, got shape {array.shape}")
+    value = int(array.reshape(-1)[0])
+    if value < 0 or (num_classes is not None and value >= num_classes):
+        upper = f"{num_classes - 1}" if num_classes is not None else "..."
+        raise ValueError(f"{where}: class id {value} is outside [0, {upper}]")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+class _AugmentedDataset(Dataset):
+    """Epoch-aware augmentation choice shared by both datasets."""
+
+    seed: int
+    augment: bool
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentations of `epoch` (the item -> augmentation map changes every epoch)."""
+        self.epoch = int(epoch)
+
+    def _augmentation(self, index: int, n_aug: int) -> int:
+        return _pick_augmentation(self.seed, self.epoch, index, n_aug) if self.augment else 0
+
+
+class CodesDataset(_AugmentedDataset):
+    """LlamaGen's precomputed codes: ``<root>/<name>_codes/<i>.npy`` with labels in ``<name>_labels``.
+
+    Args:
+        root: the folder holding exactly one ``*_codes`` folder (and its ``*_labels`` sibling), or
+            the ``*_codes`` folder itself.
+        num_tokens: image tokens per item the model expects (``h*w``, e.g. 256 for 256 px / ds16);
+            default: taken from the first file, and it must be a perfect square.
+        codebook_size: token ids must be below it (the model's ``vocab_size``); unchecked when None.
+        num_classes: class ids must be below it; unchecked when None.
+        seed: seeds the augmentation choice (see the module docstring).
+        augment: pick a random augmentation per item; False always takes the first one.
+        validate: read and check every file now instead of when each item is first read.
+
+    Every problem raises ``ValueError`` naming the offending file: a code file without a label file,
+    a wrong grid size, token ids beyond the codebook, a malformed array.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, num_tokens: int | None = None,
+                 codebook_size: int | None = None, num_classes: int | None = None, seed: int = 0,
+                 augment: bool = True, validate: bool = False):
+        self.codes_dir, self.labels_dir = self._find_dirs(Path(root))
+        if num_tokens is not None and num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if codebook_size is not None and codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+        self.codebook_size = codebook_size
+        self.num_classes = num_classes
+        self.seed = int(seed)
+        self.augment = augment
+        self.epoch = 0
+        self.indices = self._list_items()
+        # the first file fixes the grid when it is not given: every item must then match it
+        self._reference: str | None = None
+        self.num_tokens = num_tokens
+        first = self._read_codes(0)
+        if num_tokens is None:
+            self.num_tokens, self._reference = first.shape[1], str(self.code_path(0))
+        self.num_augmentations = first.shape[0]
+        self._read_label(0)
+        if validate:
+            self.verify()
+
+    # -- layout ------------------------------------------------------------------------------
+    @staticmethod
+    def _find_dirs(root: Path) -> tuple[Path, Path]:
+        if not root.is_dir():
+            raise ValueError(f"{root}: codes folder not found (expected a folder holding <name>{CODES_SUFFIX}/ "
+                             f"and <name>{LABELS_SUFFIX}/, as written by LlamaGen's extract_codes_c2i.py or "
+                             f"tensorar_plugin.data.tokenize_images)")
+        if root.name.endswith(CODES_SUFFIX):
+            codes = root
+        else:
+            found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith(CODES_SUFFIX))
+            if not found:
+                raise ValueError(f"{root}: no <name>{CODES_SUFFIX} folder inside (expected the layout written by "
+                                 f"LlamaGen's extract_codes_c2i.py or tensorar_plugin.data.tokenize_images)")
+            if len(found) > 1:
+                names = ", ".join(p.name for p in found)
+                raise ValueError(f"{root}: several code folders ({names}); pass the one to use, e.g. "
+                                 f"CodesDataset('{found[0]}')")
+            codes = found[0]
+        labels = codes.with_name(codes.name[: -len(CODES_SUFFIX)] + LABELS_SUFFIX)
+        if not labels.is_dir():
+            raise ValueError(f"{labels}: missing label folder for the codes in {codes}")
+        return codes, labels
+
+    def _list_items(self) -> list[int]:
+        indices = sorted(int(p.stem) for p in self.codes_dir.glob("*.npy") if p.stem.isdigit())
+        if not indices:
+            raise ValueError(f"{self.codes_dir}: no <i>.npy code files")
+        label_files = {p.name for p in self.labels_dir.glob("*.npy")}
+        missing = [i for i in indices if f"{i}.npy" not in label_files]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"{self.labels_dir / f'{missing[0]}.npy'}: missing label file for "
+                             f"{self.codes_dir / f'{missing[0]}.npy'}{more}")
+        return indices
+
+    def code_path(self, index: int) -> Path:
+        return self.codes_dir / f"{self.indices[index]}.npy"
+
+    def label_path(self, index: int) -> Path:
+        return self.labels_dir / f"{self.indices[index]}.npy"
+
+    # -- reading -------------------------------------------------------------------------------
+    @staticmethod
+    def _load(path: Path) -> np.ndarray:
+        if not path.is_file():
+            raise ValueError(f"{path}: file not found")
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable .npy array ({exc})") from exc
+
+    def _read_codes(self, index: int) -> np.ndarray:
+        path = self.code_path(index)
+        where = str(path)
+        codes = _codes_matrix(self._load(path), where)
+        _check_length(codes.shape[1], self.num_tokens, where, self._reference)
+        _check_ids(codes, self.codebook_size, where)
+        return codes
+
+    def _read_label(self, index: int) -> int:
+        path = self.label_path(index)
+        return _label_value(self._load(path), self.num_classes, str(path))
+
+    def verify(self) -> None:
+        """Read and check every file (ValueError naming the first bad one)."""
+        for index in range(len(self)):
+            self._read_codes(index)
+            self._read_label(index)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        index %= len(self)
+        codes = self._read_codes(index)
+        row = codes[self._augmentation(index, codes.shape[0])]
+        return torch.from_numpy(row.astype(np.int64)), torch.tensor(self._read_label(index), dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return (f"CodesDataset({str(self.codes_dir)!r}, items={len(self)}, num_tokens={self.num_tokens}, "
+                f"augmentations={self.num_augmentations})")
+
+
+class TokenDataset(_AugmentedDataset):
+    """In-memory image tokens: `codes` `[N, h*w]` (or `[N, n_aug, h*w]`) and class `labels` `[N]`.
+
+    Tensors and NumPy arrays are accepted; items are `(LongTensor [h*w], LongTensor [])` as in
+    :class:`CodesDataset`, with the same seeded augmentation choice when `n_aug > 1`.
+    """
+
+    def __init__(self, codes: Any, labels: Any, *, codebook_size: int | None = None,
+                 num_classes: int | None = None, seed: int = 0, augment: bool = True):
+        codes = torch.as_tensor(np.asarray(codes) if not isinstance(codes, torch.Tensor) else codes)
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise ValueError(f"codes must hold integer token ids, got dtype {codes.dtype}")
+        if codes.ndim == 2:
+            codes = codes[:, None]
+        if codes.ndim != 3 or codes.shape[0] == 0 or codes.shape[1] == 0:
+            raise ValueError(f"codes must have shape [N, h*w] or [N, n_aug, h*w] with N >= 1, got "
+                             f"{tuple(codes.shape)}")
+        if not _is_square(codes.shape[-1]):
+            raise ValueError(f"codes: wrong grid size: {codes.shape[-1]} tokens per image is not a square grid")
+        labels = labels.reshape(-1) if labels.ndim > 1 and labels.shape[-1] == 1 else labels
+        if labels.ndim != 1 or labels.shape[0] != codes.shape[0]:
+            raise ValueError(f"labels must have shape [{codes.shape[0]}] (one class id per item), got "
+                             f"{tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must hold integer class ids, got dtype {labels.dtype}")
+        _check_ids(codes.numpy() if codes.device.type == "cpu" else codes.cpu().numpy(), codebook_size, "codes")
+        if labels.numel() and (int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)):
+            raise ValueError(f"labels: class ids must lie in [0, {num_classes if num_classes else '...'}), got "
+                             f"min {int(labels.min())}, max {int(labels.max())}")
+        self.codes = codes.long().cpu()
+        self.labels = labels.long().cpu()
+        self.num_tokens = self.codes.shape[-1]
+        self.num_augmentations = self.codes.shape[1]
+        self.seed = int(seed)
+        self.augment = augment
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        index %= len(self)
+        aug = self._augmentation(index, self.num_augmentations)
+        return self.codes[index, aug].clone(), self.labels[index].clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizing images
+# --------------------------------------------------------------------------------------------
+
+
+def center_crop(image: Any, size: int) -> Any:
+    """Resize a PIL image so its shorter side is `size`, then crop the central `size x size` square.
+
+    Large images are first halved with a box filter while they stay at least twice the target, then
+    resized with a bicubic filter (the ADM / LlamaGen recipe), which avoids aliasing.
+    """
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _scan_folder(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """ImageFolder semantics: sorted class sub-folders, their image files (recursively, sorted)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{folder}: no class sub-folders (expected <folder>/<class name>/<image files>)")
+    items: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        items.extend((path, label) for path in files)
+    if not items:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class sub-folders")
+    return items, classes
+
+
+def _as_items(images: Any, labels: Any) -> list[tuple[Any, int]]:
+    """Pair in-memory images (a uint8 array [N, H, W, 3] / [N, H, W], or a list) with their labels."""
+    if labels is None:
+        raise ValueError("labels are required for in-memory images (one class id per image); "
+                         "only an image folder gives its labels by sub-folder")
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise ValueError(f"an image array must be uint8 [N, H, W, 3] or [N, H, W], got {images.dtype} "
+                             f"{images.shape}")
+        images = list(images)
+    elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        raise ValueError(f"images must be a folder, a uint8 array or a list of PIL images / arrays, got "
+                         f"{type(images).__name__}")
+    labels = [int(x) for x in np.asarray(labels).reshape(-1)]
+    if len(labels) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+    if any(x < 0 for x in labels):
+        raise ValueError("labels must be class ids >= 0")
+    if not images:
+        raise ValueError("images must not be empty")
+    return list(zip(images, labels, strict=True))
+
+
+def _prepare(item: Any, image_size: int | None, where: str) -> np.ndarray:
+    """One image (path, PIL image or uint8 array) -> uint8 RGB array [H, W, 3], center-cropped if asked."""
+    from PIL import Image
+
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as img:
+                image = img.convert("RGB")
+        except OSError as exc:
+            raise ValueError(f"{where}: cannot read image ({exc})") from exc
+    elif isinstance(item, Image.Image):
+        image = item.convert("RGB")
+    elif isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise ValueError(f"{where}: image arrays must be uint8, got {item.dtype}")
+        if item.ndim == 2:
+            item = np.repeat(item[..., None], 3, axis=-1)
+        if item.ndim != 3 or item.shape[-1] != 3:
+            raise ValueError(f"{where}: image arrays must be [H, W, 3] or [H, W], got {item.shape}")
+        if image_size is None:
+            return item
+        image = Image.fromarray(item)
+    else:
+        raise ValueError(f"{where}: expected a PIL image or a uint8 array, got {type(item).__name__}")
+    if image_size is not None:
+        image = center_crop(image, image_size)
+    return np.asarray(image)
+
+
+def _model_place(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(module.parameters(), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
+@torch.no_grad()
+def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | os.PathLike[str],
+                    labels: Any = None, *, batch_size: int = 32, device: str | torch.device | None = None,
+                    progress: bool = True, flip: bool = True, image_size: int | None = None,
+                    name: str | None = None, overwrite: bool = False) -> Path:
+    """Encode images into LlamaGen's code layout under `out_root`; return the ``*_codes`` folder.
+
+    Args:
+        images_or_folder: a folder with one sub-folder per class (labels = sorted sub-folder index,
+            like torchvision's ``ImageFolder``; the class names are written to
+            ``<name>_classes.json``), or a uint8 array ``[N, H, W, 3]`` / a list of PIL images or
+            uint8 arrays together with ``labels``.
+        vq_model: a :class:`~tensorar_plugin.models.vq.VQModel` (anything with ``encode_to_codes``).
+        labels: class ids for in-memory images (not allowed with a folder).
+        batch_size: images encoded at once.
+        device: where to encode; the model is moved there. Default: where the model is.
+        progress: show a tqdm progress bar.
+        flip: also store the horizontally flipped image as a second augmentation (LlamaGen does).
+        image_size: resize + center-crop every image to this square size first (LlamaGen's
+            preprocessing); default: use images as they are (they must then share one size).
+        name: folder prefix: ``<name>_codes`` / ``<name>_labels`` (default ``images<H>``, like
+            LlamaGen's ``imagenet256``).
+        overwrite: replace the ``.npy`` files of an existing output instead of refusing.
+
+    Files are ``<i>.npy`` of shape ``(1, n_aug, h*w)`` (int64) and labels of shape ``(1,)``, exactly
+    what LlamaGen's ``extract_codes_c2i.py`` writes, so :class:`CodesDataset` and LlamaGen's own
+    training script can both read them.
+    """
+    from tqdm import tqdm
+
+    from .models.vq import images_to_tensor
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    classes: list[str] | None = None
+    if isinstance(images_or_folder, (str, os.PathLike)):
+        folder = Path(images_or_folder)
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: image folder not found")
+        if labels is not None:
+            raise ValueError("labels must not be given with an image folder: they come from its sub-folders")
+        items, classes = _scan_folder(folder)
+    else:
+        items = _as_items(images_or_folder, labels)
+
+    if device is not None:
+        vq_model.to(device)
+    model_device, model_dtype = _model_place(vq_model)
+    was_training = vq_model.training
+    vq_model.eval()
+
+    out_root = Path(out_root)
+    first = _prepare(items[0][0], image_size, _where(items[0][0], 0))
+    height, width = first.shape[:2]
+    name = name or f"images{height}"
+    codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
+    for folder in (codes_dir, labels_dir):
+        existing = list(folder.glob("*.npy")) if folder.is_dir() else []
+        if existing and not overwrite:
+            raise ValueError(f"{folder}: already holds {len(existing)} .npy files; pass overwrite=True to replace "
+                             f"them or choose another out_root / name")
+        for path in existing:
+            path.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+    if classes is not None:
+        (out_root / f"{name}_classes.json").write_text(json.dumps({"classes": classes}, indent=1) + "\n")
+
+    bar = tqdm(total=len(items), desc="tokenizing", unit="img", disable=not progress)
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start: start + batch_size]
+            arrays = []
+            for offset, (item, _) in enumerate(chunk):
+                index = start + offset
+                array = first if index == 0 else _prepare(item, image_size, _where(item, index))
+                if array.shape[:2] != (height, width):
+                    raise ValueError(f"{_where(item, index)}: image is {array.shape[1]}x{array.shape[0]}, but the "
+                                     f"first image is {width}x{height}; pass image_size= to resize and crop all "
+                                     f"images to one size")
+                arrays.append(array)
+            x = images_to_tensor(np.stack(arrays)).to(model_device, model_dtype)
+            views = torch.cat([x, x.flip(-1)]) if flip else x
+            n_aug = 2 if flip else 1
+            codes = vq_model.encode_to_codes(views).reshape(n_aug, len(chunk), -1).transpose(0, 1)
+            codes = codes.to(torch.int64).cpu().numpy()
+            for offset, (_, label) in enumerate(chunk):
+                index = start + offset
+                np.save(codes_dir / f"{index}.npy", codes[offset][None])
+                np.save(labels_dir / f"{index}.npy", np.array([label], dtype=np.int64))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        vq_model.train(was_training)
+    return codes_dir
+
+
+def _where(item: Any, index: int) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"

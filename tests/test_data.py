@@ -1,0 +1,273 @@
+"""Datasets of image tokens (LlamaGen's code layout, in-memory tensors) and `tokenize_images`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tensorar_plugin.data import CodesDataset, TokenDataset, center_crop, tokenize_images
+from tensorar_plugin.models.vq import VQConfig, VQModel, images_to_tensor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: extra intra-op threads only add overhead (and contention on shared CI cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_layout(root: Path, codes: list[np.ndarray], labels: list[int], name: str = "imagenet64") -> Path:
+    """LlamaGen's extract_codes_c2i.py layout: <root>/<name>_codes/<i>.npy and <name>_labels/<i>.npy."""
+    (root / f"{name}_codes").mkdir(parents=True)
+    (root / f"{name}_labels").mkdir(parents=True)
+    for i, (array, label) in enumerate(zip(codes, labels, strict=True)):
+        np.save(root / f"{name}_codes" / f"{i}.npy", array)
+        np.save(root / f"{name}_labels" / f"{i}.npy", np.array([label], dtype=np.int64))
+    return root
+
+
+def llamagen_codes(n: int = 6, n_aug: int = 2, length: int = 16, vocab: int = 64, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, (1, n_aug, length), dtype=np.int64) for _ in range(n)]
+
+
+def tiny_vq(seed: int = 0) -> VQModel:
+    """A 4x-downsampling tokenizer with 64 codes (16 px images -> 4x4 grids)."""
+    torch.manual_seed(seed)
+    return VQModel(VQConfig(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2, 2],
+                            decoder_ch_mult=[1, 2, 2], z_channels=32, base_channels=32)).eval()
+
+
+# -- CodesDataset: reading ---------------------------------------------------------------------
+
+
+def test_reads_llamagen_layout_and_returns_long_tensors(tmp_path):
+    codes = llamagen_codes()
+    ds = CodesDataset(write_layout(tmp_path, codes, [3, 1, 4, 1, 5, 9]), codebook_size=64, num_tokens=16)
+    assert len(ds) == 6 and ds.num_tokens == 16 and ds.num_augmentations == 2
+    for i in range(len(ds)):
+        tokens, label = ds[i]
+        assert tokens.dtype == torch.long and tokens.shape == (16,)
+        assert label.dtype == torch.long and label.shape == () and int(label) == [3, 1, 4, 1, 5, 9][i]
+        assert any(np.array_equal(tokens.numpy(), row) for row in codes[i][0])
+    assert ds[-1][1] == 9
+    with pytest.raises(IndexError):
+        ds[6]
+
+
+def test_augmentation_choice_is_seeded_per_epoch_and_index(tmp_path):
+    codes = llamagen_codes(n=40, n_aug=2)
+    root = write_layout(tmp_path, codes, [0] * 40)
+
+    def picks(ds):
+        return [int(np.where((codes[i][0] == ds[i][0].numpy()).all(axis=1))[0][0]) for i in range(len(ds))]
+
+    a, b = CodesDataset(root, seed=1), CodesDataset(root, seed=1)
+    assert picks(a) == picks(b)  # reproducible
+    assert picks(a) == picks(a)  # independent of read order / repetition
+    assert 0 < sum(picks(a)) < 40  # both augmentations are used
+    first = picks(a)
+    a.set_epoch(1)
+    assert picks(a) != first  # a new draw every epoch
+    assert picks(CodesDataset(root, seed=2)) != first
+    assert sum(picks(CodesDataset(root, augment=False))) == 0
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (16,)])
+def test_accepts_two_and_one_dimensional_code_files(tmp_path, shape):
+    rng = np.random.default_rng(0)
+    codes = [rng.integers(0, 64, shape) for _ in range(3)]
+    ds = CodesDataset(write_layout(tmp_path, codes, [0, 1, 2]))
+    tokens, label = ds[2]
+    assert tokens.shape == (16,) and int(label) == 2
+    assert ds.num_augmentations == (shape[0] if len(shape) == 2 else 1)
+
+
+def test_root_may_be_the_codes_folder_itself_and_files_sort_numerically(tmp_path):
+    codes = llamagen_codes(n=12, n_aug=1)
+    write_layout(tmp_path, codes, list(range(12)))
+    ds = CodesDataset(tmp_path / "imagenet64_codes")
+    assert [int(ds[i][1]) for i in range(12)] == list(range(12))  # 10.npy after 9.npy
+
+
+# -- CodesDataset: errors name the file -----------------------------------------------------------
+
+
+def test_missing_label_file_is_named(tmp_path):
+    write_layout(tmp_path, llamagen_codes(n=3), [0, 1, 2])
+    (tmp_path / "imagenet64_labels" / "1.npy").unlink()
+    with pytest.raises(ValueError, match=r"imagenet64_labels/1\.npy.*missing label file"):
+        CodesDataset(tmp_path)
+
+
+def test_missing_label_folder_is_named(tmp_path):
+    (tmp_path / "x_codes").mkdir()
+    np.save(tmp_path / "x_codes" / "0.npy", np.zeros((1, 1, 16), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"x_labels: missing label folder"):
+        CodesDataset(tmp_path)
+
+
+def test_wrong_grid_size_is_named(tmp_path):
+    codes = llamagen_codes(n=3)
+    codes[2] = np.zeros((1, 2, 25), dtype=np.int64)  # a 5x5 grid among 4x4 ones
+    root = write_layout(tmp_path, codes, [0, 0, 0])
+    with pytest.raises(ValueError, match=r"imagenet64_codes/2\.npy: wrong grid size: 25 tokens .* expected 16"):
+        CodesDataset(root, validate=True)
+    ds = CodesDataset(root)  # lazily: the first bad read fails, naming the file
+    ds[0]
+    with pytest.raises(ValueError, match=r"2\.npy: wrong grid size.*as in .*0\.npy"):
+        ds[2]
+    with pytest.raises(ValueError, match=r"0\.npy: wrong grid size: 16 tokens per image, expected 256"):
+        CodesDataset(root, num_tokens=256)
+
+
+def test_non_square_grid_is_named(tmp_path):
+    root = write_layout(tmp_path, [np.zeros((1, 2, 15), dtype=np.int64)], [0])
+    with pytest.raises(ValueError, match=r"0\.npy: wrong grid size: 15 tokens per image is not a square"):
+        CodesDataset(root)
+
+
+def test_ids_beyond_the_codebook_are_named(tmp_path):
+    codes = llamagen_codes(n=3, vocab=64)
+    codes[1][0, 1, 5] = 64
+    root = write_layout(tmp_path, codes, [0, 0, 0])
+    with pytest.raises(ValueError, match=r"imagenet64_codes/1\.npy: token id 64 is beyond the codebook "
+                                         r"\(codebook_size=64"):
+        CodesDataset(root, codebook_size=64, validate=True)
+    CodesDataset(root, codebook_size=65, validate=True)
+    codes[1][0, 1, 5] = -3
+    np.save(root / "imagenet64_codes" / "1.npy", codes[1])
+    with pytest.raises(ValueError, match=r"1\.npy: token ids must be >= 0"):
+        CodesDataset(root)[1]
+
+
+def test_other_bad_files_are_named(tmp_path):
+    root = write_layout(tmp_path, [np.zeros((1, 1, 16), dtype=np.float32)], [0])
+    with pytest.raises(ValueError, match=r"0\.npy: codes must be integer token ids"):
+        CodesDataset(root)
+    (root / "imagenet64_codes" / "0.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match=r"0\.npy: not a readable \.npy array"):
+        CodesDataset(root)
+    np.save(root / "imagenet64_codes" / "0.npy", np.zeros((2, 2, 16), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"0\.npy: codes must have shape"):
+        CodesDataset(root)
+    np.save(root / "imagenet64_codes" / "0.npy", np.zeros((1, 1, 16), dtype=np.int64))
+    np.save(root / "imagenet64_labels" / "0.npy", np.array([7]))
+    with pytest.raises(ValueError, match=r"imagenet64_labels/0\.npy: class id 7 is outside \[0, 4\]"):
+        CodesDataset(root, num_classes=5)
+
+
+def test_layout_errors(tmp_path):
+    with pytest.raises(ValueError, match="codes folder not found"):
+        CodesDataset(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no <name>_codes folder"):
+        CodesDataset(tmp_path)
+    write_layout(tmp_path / "two", llamagen_codes(n=1), [0], name="a")
+    write_layout(tmp_path / "two", llamagen_codes(n=1), [0], name="b")
+    with pytest.raises(ValueError, match=r"several code folders \(a_codes, b_codes\)"):
+        CodesDataset(tmp_path / "two")
+    assert len(CodesDataset(tmp_path / "two" / "b_codes")) == 1
+    (tmp_path / "empty_codes").mkdir()
+    (tmp_path / "empty_labels").mkdir()
+    with pytest.raises(ValueError, match="no <i>.npy code files"):
+        CodesDataset(tmp_path / "empty_codes")
+
+
+# -- TokenDataset ------------------------------------------------------------------------------
+
+
+def test_token_dataset_serves_in_memory_tensors():
+    codes = torch.arange(3 * 2 * 16).reshape(3, 2, 16) % 64
+    ds = TokenDataset(codes, torch.tensor([5, 6, 7]), seed=3)
+    tokens, label = ds[1]
+    assert tokens.dtype == torch.long and tokens.shape == (16,) and label.shape == () and int(label) == 6
+    assert any(torch.equal(tokens, row) for row in codes[1])
+    flat = TokenDataset(np.zeros((4, 16), dtype=np.int32), np.arange(4))
+    assert len(flat) == 4 and flat[3][0].dtype == torch.long and int(flat[3][1]) == 3
+
+
+def test_token_dataset_errors():
+    with pytest.raises(ValueError, match="not a square grid"):
+        TokenDataset(torch.zeros(2, 15, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must have shape \[2\]"):
+        TokenDataset(torch.zeros(2, 16, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="beyond the codebook"):
+        TokenDataset(torch.full((2, 16), 9), torch.zeros(2, dtype=torch.long), codebook_size=8)
+    with pytest.raises(ValueError, match="integer token ids"):
+        TokenDataset(torch.zeros(2, 16), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="class ids"):
+        TokenDataset(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0, 3]), num_classes=3)
+
+
+# -- tokenize_images ----------------------------------------------------------------------------
+
+
+def test_tokenize_arrays_writes_the_layout_codes_dataset_reads(tmp_path):
+    vq = tiny_vq()
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    codes_dir = tokenize_images(images, vq, tmp_path, labels=[0, 1, 2, 1, 0], batch_size=2, progress=False)
+    assert codes_dir == tmp_path / "images16_codes"
+    raw = np.load(codes_dir / "3.npy")
+    assert raw.shape == (1, 2, 16) and raw.dtype == np.int64
+    assert np.load(tmp_path / "images16_labels" / "3.npy").tolist() == [1]
+    x = images_to_tensor(images)
+    with torch.no_grad():
+        plain, flipped = vq.encode_to_codes(x), vq.encode_to_codes(x.flip(-1))
+    assert np.array_equal(raw[0, 0], plain[3].numpy()) and np.array_equal(raw[0, 1], flipped[3].numpy())
+    ds = CodesDataset(tmp_path, num_tokens=16, codebook_size=64, validate=True)
+    assert len(ds) == 5 and int(ds[2][1]) == 2 and ds.num_augmentations == 2
+
+    with pytest.raises(ValueError, match="already holds 5 .npy files"):
+        tokenize_images(images[:2], vq, tmp_path, labels=[0, 0], progress=False)
+    tokenize_images(images[:2], vq, tmp_path, labels=[0, 0], progress=False, overwrite=True, flip=False)
+    ds = CodesDataset(tmp_path)
+    assert len(ds) == 2 and ds.num_augmentations == 1
+
+
+def test_tokenize_image_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    for name, count in (("cat", 2), ("ant", 1), ("dog", 2)):
+        (folder / name / "sub").mkdir(parents=True)
+        for i in range(count):
+            shape = (28, 28, 3) if name == "dog" else (24, 20, 3)  # not square / not one size: center-cropped
+            array = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(array).save(folder / name / ("sub" if i else ".") / f"{i}.png")
+    (folder / "cat" / "notes.txt").write_text("ignored")
+    codes_dir = tokenize_images(folder, tiny_vq(), tmp_path / "out", image_size=16, progress=False, name="pets")
+    ds = CodesDataset(codes_dir)
+    assert [int(ds[i][1]) for i in range(len(ds))] == [0, 1, 1, 2, 2]  # ant, cat, cat, dog, dog
+    assert json.loads((tmp_path / "out" / "pets_classes.json").read_text())["classes"] == ["ant", "cat", "dog"]
+    with pytest.raises(ValueError, match="labels must not be given"):
+        tokenize_images(folder, tiny_vq(), tmp_path / "x", labels=[0], progress=False)
+    with pytest.raises(ValueError, match=r"dog/0\.png: image is 28x28, but the first image is 20x24"):
+        tokenize_images(folder, tiny_vq(), tmp_path / "y", progress=False)  # without image_size: one size only
+
+
+def test_tokenize_errors(tmp_path):
+    vq = tiny_vq()
+    with pytest.raises(ValueError, match="labels are required"):
+        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path)
+    with pytest.raises(ValueError, match="got 2 images but 3 labels"):
+        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path, labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="image 1: image is 8x8"):
+        tokenize_images([np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)], vq, tmp_path,
+                        labels=[0, 0], progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        tokenize_images(tmp_path / "empty", vq, tmp_path / "out")
+
+
+def test_center_crop():
+    from PIL import Image
+
+    out = center_crop(Image.new("RGB", (100, 60)), 16)
+    assert out.size == (16, 16)

@@ -1,0 +1,273 @@
+"""The fine-tuning loop: exact resume, learning, checkpoints, optimizer groups, data order, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llamagen
+from safetensors.torch import load_file
+
+from tensorar_plugin import TensorARWrapper
+from tensorar_plugin.cli import build_parser, main
+from tensorar_plugin.data import CodesDataset, TokenDataset
+from tensorar_plugin.hub import load_llamagen
+from tensorar_plugin.train import GlobalBatchSampler, TrainConfig, Trainer, find_latest_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: extra intra-op threads only add overhead (and contention on shared CI cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_wrapper(seed: int = 0, dropout: float = 0.1, **kwargs) -> TensorARWrapper:
+    base = tiny_llamagen(token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout)
+    torch.manual_seed(seed + 1)
+    return TensorARWrapper(base, window=4, **kwargs)
+
+
+def random_dataset(n: int = 24, n_aug: int = 2, seed: int = 0) -> TokenDataset:
+    gen = torch.Generator().manual_seed(seed)
+    return TokenDataset(torch.randint(0, 64, (n, n_aug, 16), generator=gen), torch.randint(0, 10, (n,), generator=gen))
+
+
+def config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
+    base = dict(max_steps=6, batch_size=8, lr=1e-3, log_every=2, ckpt_every=0, progress=False,
+                mixed_precision="no", out_dir=str(tmp_path / name))
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ: {different[:5]}"
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, precision):
+    # everything random is on: dropout, label dropout, draft noise, augmentation; plus EMA, warm-up,
+    # cosine decay, accumulation and an epoch boundary between the save and the resumed steps
+    opts = dict(max_steps=7, grad_accum_steps=2, warmup_steps=2, lr_schedule="cosine", ema_decay=0.9,
+                mixed_precision=precision)
+    data = random_dataset()
+    full = make_wrapper()
+    full_trainer = Trainer(full, data, config(tmp_path, "full", **opts))
+    full_trainer.train()
+
+    # the same run, "killed" after step 5 with its last checkpoint at step 4
+    first = Trainer(make_wrapper(), data, config(tmp_path, "split", **{**opts, "ckpt_every": 4}))
+    first.train(until_step=5)
+    assert find_latest_checkpoint(tmp_path / "split").name == "checkpoint-4"
+    assert not (tmp_path / "split" / "final").exists()
+
+    resumed = make_wrapper(seed=99)  # different new-part init: the checkpoint must overwrite it
+    trainer = Trainer(resumed, data, config(tmp_path, "split", **{**opts, "ckpt_every": 4, "resume_from": "latest"}))
+    assert trainer.step == 4
+    trainer.train()
+    assert trainer.step == 7
+    assert_same_state(full.state_dict(), resumed.state_dict())
+    assert_same_state(full_trainer.ema, trainer.ema)
+    assert full_trainer.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
+    # the resumed run replaced the abandoned metrics lines past step 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 7]
+
+
+def test_resume_with_frozen_backbone_and_workers(tmp_path):
+    data = random_dataset()
+    opts = dict(max_steps=5, num_workers=1)
+    full = make_wrapper(freeze_backbone=True)
+    Trainer(full, data, config(tmp_path, "full", **opts)).train()
+    Trainer(make_wrapper(freeze_backbone=True), data, config(tmp_path, "split", **opts, ckpt_every=2)).train(3)
+    ckpt = tmp_path / "split" / "checkpoint-2"
+    assert (ckpt / "tensorar_adapter.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    resumed = make_wrapper(seed=7, freeze_backbone=True)
+    Trainer(resumed, data, config(tmp_path, "split", **opts, resume_from=str(ckpt))).train()
+    assert_same_state(full.state_dict(), resumed.state_dict())
+    assert_same_state(full.base_model.state_dict(), make_wrapper().base_model.state_dict())  # frozen stayed put
+
+
+def test_resume_latest_without_checkpoints_starts_fresh_and_bad_paths_fail(tmp_path):
+    trainer = Trainer(make_wrapper(), random_dataset(), config(tmp_path, resume_from="latest"))
+    assert trainer.step == 0
+    with pytest.raises(FileNotFoundError, match="trainer_state.json not found"):
+        trainer.resume(tmp_path)
+    assert find_latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_resume_refuses_a_checkpoint_of_another_window(tmp_path):
+    data = random_dataset()
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=1, ckpt_every=1)).train()
+    other = TensorARWrapper(tiny_llamagen(), window=2)
+    with pytest.raises(ValueError, match="window=4, but the wrapper has window=2"):
+        Trainer(other, data, config(tmp_path, resume_from=str(tmp_path / "run" / "checkpoint-1")))
+
+
+# -- learning ------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_on_a_learnable_pattern(tmp_path):
+    # every image of class c is the same class-dependent token sequence
+    patterns = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(32) % 4
+    data = TokenDataset(patterns[labels], labels)
+    wrapper = make_wrapper(dropout=0.0)
+    trainer = Trainer(wrapper, data, config(tmp_path, max_steps=40, batch_size=16, lr=3e-3, log_every=5))
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert rows[-1]["loss"] < 0.4 * rows[0]["loss"], [r["loss"] for r in rows]
+    assert set(rows[0]) >= {"step", "loss", "slot_losses", "lr", "grad_norm", "tokens_per_s"}
+    assert len(rows[0]["slot_losses"]) == 4 and all(math.isfinite(x) for x in rows[-1]["slot_losses"])
+    assert rows[0]["tokens_per_s"] > 0
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def test_checkpoint_contents_load_with_from_pretrained(tmp_path):
+    wrapper = make_wrapper()
+    trainer = Trainer(wrapper, random_dataset(), config(tmp_path, max_steps=3, ckpt_every=2, ema_decay=0.5,
+                                                        keep_checkpoints=1))
+    trainer.train()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-3", "final", "metrics.jsonl", "train_config.json"]
+    ckpt = run / "checkpoint-3"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["world_size"] == 1 and state["config"]["ema_decay"] == 0.5
+    tensors = load_file(str(ckpt / "trainer_state.safetensors"))
+    assert any(k.startswith("optimizer/base_model.tok_embeddings.weight/") for k in tensors)
+    assert "rng/0/torch" in tensors and "rng/0/noise" in tensors
+    for folder in (ckpt, run / "final"):
+        loaded = TensorARWrapper.from_pretrained(folder, tiny_llamagen(seed=3))
+        assert_same_state(wrapper.state_dict(), loaded.state_dict())
+        ema = TensorARWrapper.from_pretrained(folder / "ema", tiny_llamagen(seed=3)).state_dict()
+        assert all(torch.equal(ema[name], value) for name, value in trainer.ema.items())
+        assert not torch.equal(ema["encoder.out_proj.weight"], wrapper.state_dict()["encoder.out_proj.weight"])
+
+
+def test_weight_decay_follows_llamagen_groups(tmp_path):
+    trainer = Trainer(make_wrapper(), random_dataset(), config(tmp_path))
+    decay, no_decay = trainer._group_names
+    assert "base_model.tok_embeddings.weight" in decay and "base_model.cls_embedding.embedding_table.weight" in decay
+    assert "base_model.layers.0.attention.wqkv.weight" in decay
+    assert "base_model.norm.weight" in no_decay and "encoder.in_proj.bias" in no_decay
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05, 0.0]
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_learning_rate_schedule(tmp_path):
+    trainer = Trainer(make_wrapper(), random_dataset(), config(tmp_path, max_steps=10, warmup_steps=4, lr=1.0,
+                                                              lr_schedule="cosine", min_lr_ratio=0.1))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.25)
+    lrs = [trainer.scheduler.lr_lambdas[0](step) for step in range(10)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="divisible by grad_accum_steps"):
+        TrainConfig(batch_size=6, grad_accum_steps=4)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+    assert TrainConfig(mixed_precision="fp32").mixed_precision == "no"
+    assert TrainConfig.from_dict(TrainConfig(betas=[0.8, 0.9]).to_dict()).betas == (0.8, 0.9)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        Trainer(make_wrapper(), random_dataset(n=4), config(tmp_path))
+    with pytest.raises(RuntimeError, match="needs a process group"):
+        Trainer(make_wrapper(), random_dataset(), config(tmp_path, fsdp=True))
+
+
+def test_global_batch_sampler_shards_each_global_batch():
+    single = list(GlobalBatchSampler(20, 8, seed=3, epoch=1))
+    assert len(single) == 2 and all(len(b) == 8 for b in single)
+    ranks = [list(GlobalBatchSampler(20, 8, world_size=2, rank=r, grad_accum_steps=2, seed=3, epoch=1))
+             for r in range(2)]
+    for step in range(2):
+        shards = [b for r in range(2) for b in ranks[r][2 * step: 2 * step + 2]]
+        assert all(len(b) == 2 for b in shards)
+        assert sorted(i for b in shards for i in b) == sorted(single[step])
+    assert list(GlobalBatchSampler(20, 8, seed=3, epoch=1, start_batch=1)) == single[1:]
+    assert list(GlobalBatchSampler(20, 8, seed=3, epoch=2)) != single
+    assert list(GlobalBatchSampler(8, 4, shuffle=False)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+TINY_FLAGS = ["--image-size", "64", "--model-config", "n_head=4", "--model-config", "multiple_of=16"]
+
+
+def write_codes(root, n: int = 12) -> None:
+    (root / "toy64_codes").mkdir(parents=True)
+    (root / "toy64_labels").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        np.save(root / "toy64_codes" / f"{i}.npy", rng.integers(0, 64, (1, 2, 16)))
+        np.save(root / "toy64_labels" / f"{i}.npy", np.array([i % 10]))
+
+
+def test_cli_finetune_end_to_end(tmp_path, capsys):
+    torch.save({"model": tiny_llamagen().state_dict()}, tmp_path / "tiny.pt")
+    write_codes(tmp_path / "codes")
+    common = ["finetune", "--model", str(tmp_path / "tiny.pt"), *TINY_FLAGS, "--codes", str(tmp_path / "codes"),
+              "--out", str(tmp_path / "run"), "--batch-size", "4", "--save-every", "2", "--num-workers", "0",
+              "--no-progress", "--precision", "no", "--window", "3", "--lr", "1e-3"]
+    assert main([*common, "--steps", "3"]) == 0
+    assert "model saved to" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert {"checkpoint-2", "checkpoint-3", "final", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    base = load_llamagen(tmp_path / "tiny.pt", image_size=64, n_head=4, multiple_of=16)
+    model = TensorARWrapper.from_pretrained(run / "final", base)
+    assert model.window == 3
+    tokens = model.generate(torch.tensor([1, 2]), cfg_scale=1.5, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 16)
+    saved = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+    assert saved["config"]["extra"]["window"] == 3 and saved["config"]["betas"] == [0.9, 0.95]
+
+    # continue the same run to more steps
+    assert main([*common, "--steps", "4", "--resume", "latest"]) == 0
+    assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_cli_reports_bad_data_naming_the_file(tmp_path, capsys):
+    torch.save(tiny_llamagen().state_dict(), tmp_path / "tiny.pt")
+    write_codes(tmp_path / "codes", n=4)
+    np.save(tmp_path / "codes" / "toy64_codes" / "0.npy", np.zeros((1, 2, 36), dtype=np.int64))
+    rc = main(["finetune", "--model", str(tmp_path / "tiny.pt"), *TINY_FLAGS, "--codes", str(tmp_path / "codes"),
+               "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "toy64_codes/0.npy: wrong grid size: 36 tokens per image, expected 16" in err
+
+
+def test_cli_options_all_have_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
+    options = {s for a in sub._actions for s in a.option_strings}
+    for flag in ("--model", "--codes", "--window", "--out", "--steps", "--batch-size", "--lr", "--warmup",
+                 "--grad-accum", "--precision", "--ema", "--freeze-backbone", "--save-every", "--resume", "--seed",
+                 "--device", "--image-size", "--num-workers", "--noise-schedule", "--max-noise", "--fsdp",
+                 "--preset", "--model-config"):
+        assert flag in options
+    assert all(a.help for a in sub._actions)
+
+
+def test_codes_dataset_feeds_the_trainer(tmp_path):
+    write_codes(tmp_path / "codes")
+    data = CodesDataset(tmp_path / "codes", num_tokens=16, codebook_size=64, num_classes=10)
+    trainer = Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, batch_size=4, mixed_precision="bf16"))
+    metrics = trainer.train()
+    assert metrics["step"] == 2 and math.isfinite(metrics["loss"])
