@@ -130,3 +130,15 @@ def test_push_to_hub_uploads_safetensors_config_and_card(tmp_path, monkeypatch):
     assert calls["repo"] == ("me/tensorar-tiny", None, True) and calls["token"] == "t0k"
     assert calls["files"] == ["README.md", ADAPTER_NAME, CONFIG_NAME]
     assert "window (tokens per predicted tensor): 4" in calls["card"]
+
+
+def test_save_pretrained_can_write_other_tensors_under_the_same_keys(tmp_path):
+    wrapper = trained_like()
+    shadow = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in wrapper.state_dict().items()}
+    wrapper.save_pretrained(tmp_path / "full", state_dict=shadow)
+    wrapper.save_pretrained(tmp_path / "parts", state_dict=shadow, save_backbone=False)
+    full = load_file(str(tmp_path / "full" / WEIGHTS_NAME))
+    parts = load_file(str(tmp_path / "parts" / ADAPTER_NAME))
+    assert full.keys() == shadow.keys() and all(torch.equal(full[k], shadow[k]) for k in full)
+    assert parts and all(k.startswith(("encoder.", "decoder.")) and torch.all(v == 0.5) for k, v in parts.items())
+    assert not torch.all(wrapper.encoder.query == 0.5)  # the live weights are untouched

@@ -35,12 +35,18 @@ def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous().clone() for key, value in state.items()}
 
 
-def save_wrapper(wrapper: TensorARWrapper, save_directory: str | Path, *, save_backbone: bool | None = None) -> Path:
+def save_wrapper(wrapper: TensorARWrapper, save_directory: str | Path, *, save_backbone: bool | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config + weights; `state_dict` (full-wrapper keys) replaces the live weights, e.g. EMA or
+    FSDP-gathered tensors."""
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     includes_backbone = (not wrapper.backbone_frozen) if save_backbone is None else bool(save_backbone)
     name, stale = (WEIGHTS_NAME, ADAPTER_NAME) if includes_backbone else (ADAPTER_NAME, WEIGHTS_NAME)
-    state = wrapper.state_dict() if includes_backbone else wrapper.tensorar_state_dict()
+    state = dict(state_dict) if state_dict is not None else wrapper.state_dict()
+    if not includes_backbone:
+        new_parts = tuple(f"{part}." for part in wrapper.new_modules())
+        state = {key: value for key, value in state.items() if key.startswith(new_parts)}
     metadata = {"format": "pt", "tensorar_window": str(wrapper.window)}
     save_file(_plain_tensors(state), str(directory / name), metadata=metadata)
     (directory / stale).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bar: tqdm.auto warns in notebooks without ipywidgets
 
 from .adapters import BackboneAdapter, find_adapter
 from .noise import PAD_ID

@@ -110,7 +110,11 @@ class TensorEncoder(_QueryTransformer):
         self.pad_embedding = nn.Parameter(torch.zeros(dim))
         self.out_proj = _zero_linear(hidden_dim, dim)
 
-    def forward(self, slot_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, slot_embeddings: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`pad_mask` `[..., k]` marks slots past the last image position: they use `pad_embedding`."""
+        if pad_mask is not None:
+            pad = self.pad_embedding.to(slot_embeddings.dtype)
+            slot_embeddings = torch.where(pad_mask[..., None], pad, slot_embeddings)
         lead = slot_embeddings.shape[:-2]
         tokens = self.in_proj(slot_embeddings.flatten(0, -3)) + self.slot_embed
         query = self.query.to(tokens.dtype).expand(tokens.shape[0], 1, -1)

@@ -284,19 +284,6 @@ def _collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _weights_override(wrapper: TensorARWrapper, state: dict[str, torch.Tensor]):
-    """Make `save_pretrained` write `state` (full-model tensors) instead of the live parameters."""
-    new = tuple(f"{name}." for name in wrapper.new_modules())
-    wrapper.state_dict = lambda *args, **kwargs: dict(state)  # type: ignore[method-assign]
-    wrapper.tensorar_state_dict = lambda: {k: v for k, v in state.items() if k.startswith(new)}  # type: ignore
-    try:
-        yield
-    finally:
-        del wrapper.state_dict
-        del wrapper.tensorar_state_dict
-
-
 class Trainer:
     """Train a `TensorARWrapper` on a map-style dataset of `(codes [T], condition)` items.
 
@@ -438,8 +425,7 @@ class Trainer:
             units = list(base.get_fsdp_wrap_module_list())
         else:
             units = list(getattr(base, "layers", []))
-        # The TensorAR parts stay in the root unit: the wrapper reads encoder.pad_embedding outside the
-        # encoder's forward, which a separately sharded encoder would not have gathered yet.
+        # The TensorAR parts (a few percent of the weights) stay in the root unit.
         for unit in units:
             fully_shard(unit, mesh=mesh)
         fully_shard(wrapper, mesh=mesh)  # root: embeddings, norm, head, new parts (moves all to the device)
@@ -498,7 +484,7 @@ class Trainer:
             cond = cond.to(self.device, non_blocking=True)
             with self._sync_context(micro == accum - 1):
                 with self._autocast():
-                    out = self.model(codes, cond, generator=self.noise_generator)
+                    out = self.model(codes, cond, generator=self.noise_generator, validate=False)
                 (out.loss / accum).backward()
             loss = out.loss.detach().float()
             slots = out.slot_losses.detach().float()
@@ -644,11 +630,7 @@ class Trainer:
         return state, shadows
 
     def _save_weights(self, directory: Path, state: dict[str, torch.Tensor] | None) -> None:
-        if state is None:
-            self.wrapper.save_pretrained(directory, save_backbone=self.config.save_backbone)
-            return
-        with _weights_override(self.wrapper, state):
-            self.wrapper.save_pretrained(directory, save_backbone=self.config.save_backbone)
+        self.wrapper.save_pretrained(directory, save_backbone=self.config.save_backbone, state_dict=state)
 
     def save_checkpoint(self, directory: str | os.PathLike[str] | None = None) -> Path:
         """Write weights + trainer state to `directory` (default `out_dir/checkpoint-<step>`).

@@ -182,10 +182,8 @@ class TensorARWrapper(nn.Module):
         """Input windows `[..., k]` (`PAD_ID` past the end) -> one embedding per window `[..., d]`."""
         if self.encoder is None:
             return self.adapter.embed_tokens(windows[..., 0])
-        slots = self.adapter.embed_tokens(windows.clamp(min=0))
-        pad = self.encoder.pad_embedding.to(slots.dtype)
-        slots = torch.where((windows < 0)[..., None], pad, slots)
-        return slots[..., 0, :] + self.encoder(slots).to(slots.dtype)
+        slots = self.adapter.embed_tokens(windows.clamp(min=0))  # slot 0 is never padding
+        return slots[..., 0, :] + self.encoder(slots, pad_mask=windows < 0).to(slots.dtype)
 
     def window_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states `[..., d]` -> float32 logits `[..., k, V]`; slot 0 is the base head's output."""
@@ -211,15 +209,18 @@ class TensorARWrapper(nn.Module):
                              f"(min {low}, max {high})")
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor, *, force_drop_ids: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, cond_mask: torch.Tensor | None = None) -> TensorAROutput:
+                generator: torch.Generator | None = None, cond_mask: torch.Tensor | None = None,
+                validate: bool = True) -> TensorAROutput:
         """Teacher-forced next-tensor prediction over the image tokens `[B, T]` given `cond`.
 
         In training mode draft slots are noised (`generator` makes it reproducible) and the base
         model's condition dropout applies; in eval mode inputs are clean. `cond_mask` `[B, n_cond]`
-        hides padded condition tokens (text conditions).
+        hides padded condition tokens (text conditions). `validate=False` skips the id-range checks,
+        which read values back from the device (the trainer's datasets check ids when loading).
         """
-        self._check_tokens(tokens)
-        self.adapter.check_condition(cond, tokens.shape[0])
+        if validate:
+            self._check_tokens(tokens)
+            self.adapter.check_condition(cond, tokens.shape[0])
         k = self.window
         train_cond = self.base_model.training and self.config.label_dropout
         embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)
@@ -285,15 +286,17 @@ class TensorARWrapper(nn.Module):
         return {f"{name}.{key}": value for name, module in self.new_modules().items()
                 for key, value in module.state_dict().items()}
 
-    def save_pretrained(self, save_directory: str | Path, *, save_backbone: bool | None = None) -> Path:
+    def save_pretrained(self, save_directory: str | Path, *, save_backbone: bool | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write `tensorar_config.json` and safetensors weights into `save_directory`.
 
         `save_backbone=None` saves the whole model unless the backbone is frozen (then only the new
-        parts, adapter-style, into `tensorar_adapter.safetensors`).
+        parts, adapter-style, into `tensorar_adapter.safetensors`). `state_dict` saves other tensors
+        than the live ones (EMA weights, a gathered FSDP state) under the same keys.
         """
         from .checkpoint import save_wrapper
 
-        return save_wrapper(self, save_directory, save_backbone=save_backbone)
+        return save_wrapper(self, save_directory, save_backbone=save_backbone, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(cls, pretrained: str | Path, model: nn.Module, *, adapter: BackboneAdapter | None = None,
