@@ -6,7 +6,7 @@
     images_tokens = model.generate(class_ids, cfg_scale=2.0)
 """
 
-from .adapters import BackboneAdapter, LlamaGenAdapter, find_adapter, register_adapter
+from .adapters import BackboneAdapter, HFCausalLMAdapter, LlamaGenAdapter, ModuleAdapter, find_adapter, register_adapter
 from .generation import GenerationOutput, sample_plain
 from .noise import SCHEDULES, discrete_tensor_noise, noise_schedule
 from .wrapper import TensorARConfig, TensorAROutput, TensorARWrapper
@@ -24,6 +24,8 @@ __all__ = [
     "SCHEDULES",
     "BackboneAdapter",
     "LlamaGenAdapter",
+    "HFCausalLMAdapter",
+    "ModuleAdapter",
     "find_adapter",
     "register_adapter",
     "__version__",

@@ -5,11 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from .base import BackboneAdapter
+from .custom import KVCache, ModuleAdapter
+from .hf import HFCausalLMAdapter
 from .llamagen import LlamaGenAdapter
 
-__all__ = ["BackboneAdapter", "LlamaGenAdapter", "register_adapter", "find_adapter", "registered_adapters"]
+__all__ = ["BackboneAdapter", "LlamaGenAdapter", "HFCausalLMAdapter", "ModuleAdapter", "KVCache", "register_adapter",
+           "find_adapter", "registered_adapters"]
 
-_REGISTRY: list[type[BackboneAdapter]] = [LlamaGenAdapter]
+# HFCausalLMAdapter recognises transformers models by class name, without importing transformers.
+# ModuleAdapter is not registered: it needs the names of the model's parts.
+_REGISTRY: list[type[BackboneAdapter]] = [LlamaGenAdapter, HFCausalLMAdapter]
 
 
 def register_adapter(adapter_cls: type[BackboneAdapter], *, first: bool = True) -> type[BackboneAdapter]:
