@@ -33,6 +33,28 @@ def tiny_llamagen(seed: int = 0, **overrides) -> LlamaGen:
     return randomize_(LlamaGen(tiny_config(**overrides)), seed=seed).eval()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: extra intra-op threads only add overhead (and contention on shared CI cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def perturb_heads_(wrapper, seed: int = 0):
+    """Move a TensorARWrapper's new parts away from their zero-initialised output projections."""
+    for module in wrapper.new_modules().values():
+        randomize_(module, seed=seed, std=0.3)
+    return wrapper
+
+
+def batch(b: int = 3, t: int = 16, seed: int = 0):
+    """Random image tokens `[b, t]` (codebook 64) and class ids `[b]` (10 classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (b, t), generator=gen), torch.randint(0, 10, (b,), generator=gen)
+
+
 @pytest.fixture
 def tiny_c2i() -> LlamaGen:
     return tiny_llamagen()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from conftest import batch, perturb_heads_, randomize_
 from torch import nn
 
 from tensorar_plugin import TensorARWrapper, sample_plain
@@ -35,21 +35,10 @@ def toy(seed: int = 0):
     return randomize_(example.ToyGPT(), seed=seed).eval()
 
 
-def perturb_heads_(wrapper: TensorARWrapper, seed: int = 0) -> TensorARWrapper:
-    for module in wrapper.new_modules().values():
-        randomize_(module, seed=seed, std=0.3)
-    return wrapper
-
-
-def data(b=3, t=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 64, (b, t), generator=gen), torch.randint(0, 10, (b,), generator=gen)
-
-
 def test_toy_model_window_one_equals_its_own_forward():
     model = toy()
     wrapper = TensorARWrapper(model, window=1, adapter=example.toy_adapter(model)).eval()
-    tokens, labels = data()
+    tokens, labels = batch()
     with torch.no_grad():
         out = wrapper(tokens, labels)
         ref = model(tokens, labels)
@@ -67,7 +56,7 @@ def test_toy_model_cached_generation_equals_uncached(window, kv_cache):
     adapter = example.toy_adapter(model)
     adapter.kv_cache = kv_cache  # False: the blocks are called as block(h) and the prefix is re-run
     wrapper = perturb_heads_(TensorARWrapper(model, window=window, adapter=adapter))
-    _, labels = data()
+    _, labels = batch()
     for cfg in (1.0, 2.5):
         cached = wrapper.generate(labels, cfg_scale=cfg, **GREEDY)
         assert cached.shape == (3, 16)
@@ -79,7 +68,7 @@ def test_toy_model_cached_generation_equals_uncached(window, kv_cache):
 def test_plain_sampling_matches_a_greedy_loop_over_the_models_forward():
     model = toy()
     adapter = example.toy_adapter(model)
-    _, labels = data()
+    _, labels = batch()
     tokens = sample_plain(adapter, labels, 6, greedy=True)
     seq = torch.zeros(3, 1, dtype=torch.long)
     with torch.no_grad():
@@ -92,7 +81,7 @@ def test_plain_sampling_matches_a_greedy_loop_over_the_models_forward():
 def test_training_step_condition_dropout_and_save_load(tmp_path):
     model = toy()
     wrapper = perturb_heads_(TensorARWrapper(model, window=3, adapter=example.toy_adapter(model))).train()
-    tokens, labels = data()
+    tokens, labels = batch()
     out = wrapper(tokens, labels)
     out.loss.backward()
     assert model.blocks[0].qkv.weight.grad.abs().sum() > 0 and wrapper.encoder.in_proj.weight.grad is not None
@@ -176,7 +165,7 @@ def test_bad_parts_and_conditions_raise_clear_errors():
                           pos_embedding="pos", num_classes=10)
     assert find_adapter(plain) is plain and not plain.has_null_condition
     wrapper = TensorARWrapper(model, window=2, adapter=plain)
-    tokens, labels = data()
+    tokens, labels = batch()
     with pytest.raises(ValueError, match="cond"):
         wrapper(tokens, torch.tensor([0, 1, 10]))
     with pytest.raises(ValueError, match="null condition"):

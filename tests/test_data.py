@@ -13,15 +13,6 @@ from tensorar_plugin.data import CodesDataset, TokenDataset, center_crop, tokeni
 from tensorar_plugin.models.vq import VQConfig, VQModel, images_to_tensor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: extra intra-op threads only add overhead (and contention on shared CI cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def write_layout(root: Path, codes: list[np.ndarray], labels: list[int], name: str = "imagenet64") -> Path:
     """LlamaGen's extract_codes_c2i.py layout: <root>/<name>_codes/<i>.npy and <name>_labels/<i>.npy."""
     (root / f"{name}_codes").mkdir(parents=True)

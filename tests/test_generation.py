@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llamagen
-from test_wrapper import perturb_heads_
+from conftest import perturb_heads_, tiny_llamagen
 
 from tensorar_plugin import TensorARWrapper, sample_plain
 from tensorar_plugin.adapters import find_adapter

@@ -18,15 +18,6 @@ from tensorar_plugin.hub import load_llamagen
 from tensorar_plugin.train import GlobalBatchSampler, TrainConfig, Trainer, find_latest_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: extra intra-op threads only add overhead (and contention on shared CI cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_wrapper(seed: int = 0, dropout: float = 0.1, **kwargs) -> TensorARWrapper:
     base = tiny_llamagen(token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout)
     torch.manual_seed(seed + 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_, tiny_config, tiny_llamagen
+from conftest import batch, perturb_heads_, tiny_config, tiny_llamagen
 from torch import nn
 
 from tensorar_plugin import TensorARWrapper
@@ -13,18 +13,6 @@ from tensorar_plugin.adapters import LlamaGenAdapter, find_adapter
 from tensorar_plugin.models.llamagen import KVCache, LlamaGen, build_llamagen
 from tensorar_plugin.noise import PAD_ID
 from tensorar_plugin.windows import IGNORE_INDEX, input_windows, target_windows
-
-
-def perturb_heads_(wrapper: TensorARWrapper, seed: int = 0) -> TensorARWrapper:
-    """Move the new parts away from their zero-initialised output projections."""
-    for module in wrapper.new_modules().values():
-        randomize_(module, seed=seed, std=0.3)
-    return wrapper
-
-
-def batch(b=3, t=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 64, (b, t), generator=gen), torch.randint(0, 10, (b,), generator=gen)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

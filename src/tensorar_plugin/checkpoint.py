@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from .state_dicts import describe_mismatch
 from .wrapper import ADAPTER_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TensorARConfig
 
 if TYPE_CHECKING:
@@ -78,20 +79,10 @@ def _resolve_directory(pretrained: str | Path, **hub_kwargs) -> Path:
 
 def _check_shapes(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], config: TensorARConfig,
                   source: Path) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"missing keys {missing[:5]}")
-        if unexpected:
-            details.append(f"unexpected keys {unexpected[:5]}")
-        if wrong:
-            details.append(f"shape mismatches {wrong[:5]}")
+    report = describe_mismatch(expected, found)
+    if report is not None:
         raise ValueError(f"{source} does not fit a TensorAR wrapper with window={config.window} around this "
-                         f"model (width {config.base_hidden_size}): " + "; ".join(details))
+                         f"model (width {config.base_hidden_size}): {report}")
 
 
 def load_wrapper(cls, pretrained: str | Path, model: nn.Module, *, adapter: BackboneAdapter | None = None,

@@ -54,6 +54,7 @@ from tensorar_plugin.models.llamagen import (
     precompute_freqs_cis_2d,
 )
 from tensorar_plugin.models.vq import VQ_MODELS, VQConfig, VQModel, build_vq
+from tensorar_plugin.state_dicts import describe_mismatch, first_items
 
 __all__ = [
     "CheckpointInfo",
@@ -560,27 +561,9 @@ def infer_vq_config(state_dict: Mapping[str, Any], *, preset: str | None = None,
 # --------------------------------------------------------------------------------------------
 
 
-def _first(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
 def _mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """Missing / unexpected keys and shape mismatches between ``model`` and ``state_dict``, or None."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    shapes = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {shape}"
-        for key, shape in expected.items() if key in state_dict and tuple(state_dict[key].shape) != shape
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {_first(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatch(es): {_first(shapes, 3)}")
-    return "; ".join(parts) or None
+    return describe_mismatch(model.state_dict(), state_dict)
 
 
 def _fill_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, label: str, path: Path) -> None:
@@ -598,7 +581,7 @@ def _check_materialized(model: nn.Module) -> None:
     """Guard: after loading, no parameter or buffer may still live on the meta device."""
     left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
-        raise RuntimeError(f"internal error: tensors left without values after loading: {_first(left)}")
+        raise RuntimeError(f"internal error: tensors left without values after loading: {first_items(left)}")
 
 
 def _place(model: nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
