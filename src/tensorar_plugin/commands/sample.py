@@ -1,0 +1,166 @@
+"""`tensorar sample`: sample a class-conditional image grid (one row per class) and write it as PNG.
+
+With no arguments it uses the bundled demo model (MNIST digits, fully offline). `--model` takes a
+LlamaGen registry name (e.g. `c2i_B_256`, loaded through `tensorar_plugin.hub` together with its
+paired VQ; `--tensorar DIR` adds TensorAR parts saved by `save_pretrained`, otherwise the model is
+sampled plainly with `--window 1`), a demo-style bundle folder (written by
+`examples/train_demo.py --out DIR`), or a folder written by `TensorARWrapper.save_pretrained`
+(backbone included; pass `--vq` and, for non-256-px models, `--image-size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+#: LlamaGen's demo classes (ImageNet ids), used for hub models when --classes is not given
+IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="sample an image grid (the bundled demo model by default, offline)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="hub name (e.g. c2i_B_256), a demo bundle folder, or a save_pretrained folder "
+                        "(default: the bundled MNIST demo)")
+    p.add_argument("--tensorar", default=None, metavar="DIR",
+                   help="TensorAR parts saved by save_pretrained, put around a --model hub backbone")
+    p.add_argument("--vq", default=None, help="tokenizer (hub name or file) for a save_pretrained folder")
+    p.add_argument("--image-size", type=int, default=None, help="image size of a hub / save_pretrained model")
+    p.add_argument("--window", type=int, default=None,
+                   help="window for a hub model without --tensorar parts: 1 (default) samples plainly; "
+                        "larger windows add untrained parts that change nothing but speed")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write (default samples.png)")
+    p.add_argument("--history", action="store_true", help="also write a picture of the refinement (drafts to final)")
+    p.add_argument("--history-out", type=Path, default=None, help="default: <out stem>_history.png")
+    p.add_argument("--history-samples", type=int, default=8, help="samples shown in the history picture")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--draft", choices=("sample", "argmax"), default=None, help="how draft slots are chosen")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all demo classes)")
+    p.add_argument("--per-class", "--batch", dest="per_class", type=int, default=8,
+                   help="samples per class = images per row (default 8)")
+    p.add_argument("--scale", type=int, default=None, help="pixel upscaling of the grid (default: 2 for the demo)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny demo on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def _load(args, device, dtype):
+    """-> (wrapper, vq, grid, defaults dict, classes default, scale default, description)."""
+    import torch
+
+    from ..wrapper import TensorARWrapper
+
+    demo_defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
+    if args.model is None or (Path(args.model).is_dir() and (Path(args.model) / "demo_info.json").is_file()):
+        from ..demo import load_demo
+
+        bundle = load_demo(device=device, dtype=dtype, directory=args.model)
+        info = bundle.info
+        defaults = {**demo_defaults, **info.get("sampling", {})}
+        return (bundle.wrapper, bundle.vq, info["grid"], defaults, list(range(len(info["class_names"]))), 2,
+                f"demo model ({info.get('name', 'bundled')})")
+
+    from ..hub import infer_llamagen_config, load_llamagen, load_vq
+    from ..models.llamagen import LlamaGen
+
+    path = Path(args.model)
+    if path.is_dir():  # a folder written by save_pretrained, backbone included
+        from safetensors.torch import load_file
+
+        from ..wrapper import WEIGHTS_NAME
+
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise SystemExit(f"error: {path} has no {WEIGHTS_NAME}: save it with save_pretrained(save_backbone=True)"
+                             f" or pass a hub backbone with --model NAME --tensorar {path}")
+        if args.vq is None:
+            raise SystemExit("error: a save_pretrained folder needs --vq (tokenizer hub name or file)")
+        state = load_file(str(weights))
+        base_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
+        config = infer_llamagen_config(base_state, image_size=args.image_size)
+        wrapper = TensorARWrapper.from_pretrained(path, LlamaGen(config))
+        vq = load_vq(args.vq, device=device)
+        grid = config.grid_size
+        defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
+        desc = f"{path} (window {wrapper.window})"
+    else:
+        gpt = load_llamagen(args.model, image_size=args.image_size)
+        info = gpt.hub_info
+        if args.tensorar:
+            wrapper = TensorARWrapper.from_pretrained(args.tensorar, gpt)
+            if args.window is not None and args.window != wrapper.window:
+                raise SystemExit(f"error: --window {args.window} but {args.tensorar} has window {wrapper.window}")
+        else:
+            wrapper = TensorARWrapper(gpt, window=args.window or 1)
+        vq_name = args.vq or (info.vq if info is not None else None)
+        if vq_name is None:
+            raise SystemExit("error: no paired tokenizer known for this model: pass --vq")
+        vq = load_vq(vq_name, device=device)
+        grid = gpt.config.grid_size
+        defaults = dict(cfg_scale=(info.cfg_scale if info and info.cfg_scale else 2.0), temperature=1.0,
+                        top_k=(info.top_k if info and info.top_k else 0), top_p=1.0, draft="sample")
+        desc = f"{args.model} (window {wrapper.window}{', TensorAR parts ' + args.tensorar if args.tensorar else ''})"
+    wrapper = wrapper.to(device=device, dtype=dtype or torch.float32).eval()
+    classes = IMAGENET_DEMO_CLASSES if wrapper.base_model.config.num_classes == 1000 else \
+        list(range(min(10, wrapper.base_model.config.num_classes)))
+    return wrapper, vq, grid, defaults, classes, 1, desc
+
+
+def run(args) -> int:
+    import torch
+
+    from ..visualize import image_grid, render_history, tokens_to_images
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if args.per_class < 1:
+        raise SystemExit("error: --per-class must be >= 1")
+    wrapper, vq, grid, defaults, default_classes, default_scale, desc = _load(args, device, dtype)
+    classes = args.classes if args.classes is not None else default_classes
+    num_classes = wrapper.base_model.config.num_classes
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise SystemExit(f"error: class ids {bad} are outside [0, {num_classes - 1}]")
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key]
+                for key in ("cfg_scale", "temperature", "top_k", "top_p", "draft")}
+    cond = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    print(f"sampling {len(cond)} images ({len(classes)} classes x {args.per_class}) from {desc} on {device}; "
+          + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
+    start = time.time()
+    out = wrapper.generate(cond, generator=gen, return_history=args.history, progress=not args.no_progress,
+                           **settings)
+    tokens = out.tokens if args.history else out
+    elapsed = time.time() - start
+    scale = args.scale or default_scale
+    images = tokens_to_images(vq, tokens, grid)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, nrow=args.per_class, scale=scale).save(args.out)
+    print(f"wrote {args.out} ({len(images)} images, one row per class; sampling took {elapsed:.1f} s)")
+    if args.history:
+        target = args.history_out or args.out.with_name(f"{args.out.stem}_history.png")
+        # one sample per class first, so the picture shows several classes
+        order = torch.arange(len(cond)).reshape(len(classes), args.per_class).t().reshape(-1)
+        picture = render_history(vq, out.history[order], tokens[order], grid, max_samples=args.history_samples,
+                                 scale=scale)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(target)
+        print(f"wrote {target} (rows: samples; columns: draft slot 1..{wrapper.window}, last = final)")
+    return 0

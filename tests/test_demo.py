@@ -1,0 +1,115 @@
+"""The bundled demo model, `tensorar sample`, the visualisation helpers and the `--tiny` quality benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensorar_plugin.cli import main as cli_main
+from tensorar_plugin.demo import PatchTokenizer, demo_path, load_demo
+from tensorar_plugin.visualize import history_to_tokens, image_grid, render_history, tokens_to_images
+
+ROOT = Path(__file__).resolve().parents[1]
+PIL = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: intra-op threads only add contention (sampling was 100x slower on a busy 2-core box)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo(device="cpu")
+
+
+def test_demo_assets_are_small_and_present():
+    files = [p for p in demo_path().rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"demo_info.json", "llamagen_config.json", "tokenizer.safetensors", "tokenizer_config.json",
+            "tensorar_config.json", "model.safetensors"} <= names
+    assert sum(p.stat().st_size for p in files) < 5 * 2**20
+
+
+def test_demo_loads_offline_and_generates(demo, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = demo.info
+    assert info["class_names"] == [str(d) for d in range(10)]
+    assert info["grid"] ** 2 == demo.wrapper.base_model.config.block_size
+    assert demo.wrapper.window == info["window"] == 4
+    assert not demo.wrapper.training
+    cond = torch.tensor([0, 3, 7])
+    gen = torch.Generator().manual_seed(0)
+    out = demo.wrapper.generate(cond, generator=gen, return_history=True, **info["sampling_kwargs"])
+    assert out.tokens.shape == (3, info["grid"] ** 2)
+    assert out.history.shape == (3, info["grid"] ** 2, 4)
+    assert torch.equal(out.history[..., -1], out.tokens)
+    images = demo.vq.decode_code(out.tokens)
+    assert images.shape == (3, 3, info["image_size"], info["image_size"])
+    again = demo.wrapper.generate(cond, generator=torch.Generator().manual_seed(0), **info["sampling_kwargs"])
+    assert torch.equal(again, out.tokens)
+
+
+def test_patch_tokenizer_roundtrip(demo):
+    tok = demo.vq
+    codes = torch.randint(0, tok.codebook_size, (2, 64))
+    images = tok.decode_code(codes)
+    assert torch.equal(tok.encode_to_codes(images), tok.encode_to_codes(tok.decode_code(tok.encode_to_codes(images))))
+    fresh = PatchTokenizer(codebook_size=8, patch=4, image_size=8).fit(torch.rand(4, 3, 8, 8) * 2 - 1, iters=2)
+    assert fresh.encode_to_codes(torch.zeros(1, 3, 8, 8)).shape == (1, 4)
+
+
+def test_visualize_helpers(demo):
+    tokens = torch.randint(0, 256, (5, 64))
+    images = tokens_to_images(demo.vq, tokens, 8)
+    assert len(images) == 5 and images[0].size == (32, 32)
+    grid = image_grid(images, nrow=3, padding=2, scale=2)
+    assert grid.size == (3 * 66 + 2, 2 * 66 + 2)
+    history = torch.randint(0, 256, (5, 64, 4))
+    history[:, :3, 0] = -1
+    maps = history_to_tokens(history, tokens)
+    assert maps.shape == (5, 4, 64) and torch.equal(maps[:, 0, :3], tokens[:, :3])
+    picture = render_history(demo.vq, history, tokens, 8, max_samples=2)
+    assert picture.size == (4 * 34 + 2, 2 * 34 + 2)
+    with pytest.raises(ValueError):
+        tokens_to_images(demo.vq, tokens, 7)
+
+
+def test_cli_sample_writes_png_and_history(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = cli_main(["sample", "--per-class", "2", "--classes", "0", "1", "2", "--out", str(out), "--history",
+                     "--no-progress", "--device", "cpu", "--seed", "1", "--threads", "1"])
+    assert code == 0
+    with PIL.open(out) as im:
+        assert im.format == "PNG" and im.size == (2 * 66 + 2, 3 * 66 + 2)
+    history = tmp_path / "grid_history.png"
+    with PIL.open(history) as im:
+        assert im.size == (4 * 66 + 2, 6 * 66 + 2)
+    printed = capsys.readouterr().out
+    assert str(out) in printed and str(history) in printed
+
+
+def test_cli_sample_rejects_bad_class(tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["sample", "--classes", "12", "--out", str(tmp_path / "x.png"), "--no-progress"])
+
+
+def test_quality_benchmark_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("_quality_bench", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    result = module.main(["--tiny", "--seeds", "0", "1", "--threads", "1", "--out-json", str(tmp_path / "q.json"),
+                          "--plot", str(tmp_path / "q.png"), "--markdown", str(tmp_path / "b.md")])
+    assert (tmp_path / "q.json").is_file() and (tmp_path / "q.png").is_file()
+    assert len(result["runs"]) == 4 and set(result["summary"]) == {"plain", "tensorar"}
+    assert "STAND-IN" in result["settings"]["features"]["label"]
+    assert "## Quality (small-scale reproduction)" in (tmp_path / "b.md").read_text()
