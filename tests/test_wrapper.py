@@ -227,3 +227,34 @@ def test_wrapper_follows_model_dtype_and_device():
     base = LlamaGen(tiny_config()).to(torch.bfloat16)
     wrapper = TensorARWrapper(base, window=2)
     assert wrapper.encoder.in_proj.weight.dtype == torch.bfloat16
+
+
+def test_adaptive_noise_follows_the_models_own_draft_accuracy():
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(), window=3, noise_schedule="adaptive",
+                                             adaptive_momentum=0.0)).train()
+    assert torch.equal(wrapper.adaptive_beta(), torch.ones(3))  # nothing measured yet: drafts fully noised
+    tokens, cond = batch()
+    out = wrapper(tokens, cond, generator=torch.Generator().manual_seed(0))
+    valid = out.targets != IGNORE_INDEX
+    p_target = out.logits.softmax(-1).gather(-1, out.targets.clamp(min=0)[..., None])[..., 0]
+    expected = (p_target * valid).sum(dim=(0, 1)) / valid.sum(dim=(0, 1))
+    torch.testing.assert_close(wrapper.encoder.draft_accuracy, expected.detach())
+    torch.testing.assert_close(wrapper.adaptive_beta(), 1 - expected.detach())
+    # eval forwards do not move the estimate; it is saved with the encoder
+    before = wrapper.encoder.draft_accuracy.clone()
+    wrapper.eval()(tokens, cond)
+    assert torch.equal(wrapper.encoder.draft_accuracy, before)
+    assert "encoder.draft_accuracy" in wrapper.tensorar_state_dict()
+
+
+def test_adaptive_beta_drives_the_replacement_rate():
+    from tensorar_plugin.noise import discrete_tensor_noise
+
+    clean = torch.randint(0, 50, (20000, 3), generator=torch.Generator().manual_seed(0))
+    _, replaced = discrete_tensor_noise(clean, 50, beta=torch.tensor([0.9, 0.25, 0.75]),
+                                        generator=torch.Generator().manual_seed(1), return_mask=True)
+    rate = replaced.float().mean(0)
+    assert rate[0] == 0  # slot 0 stays clean whatever beta says
+    torch.testing.assert_close(rate[1:], torch.tensor([0.25, 0.75]), atol=0.015, rtol=0)
+    with pytest.raises(ValueError, match="beta"):
+        discrete_tensor_noise(clean, 50, beta=torch.tensor([0.0, 1.5, 0.2]))

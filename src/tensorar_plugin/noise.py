@@ -5,6 +5,10 @@ others are drafts. During training the drafts are simulated by replacing slot `j
 random codebook index with probability `beta(j)`, so the model cannot copy its targets from the
 input (the paper's "information leakage"). `beta` rises from 0 (slot 0, never noised) to
 `max_noise` (last slot) along a schedule evaluated at `u_j = j / (k - 1)`.
+
+`TensorARWrapper(noise_schedule="adaptive")` (our extension, see docs/tensorar.md) instead sets
+`beta(j) = 1 - a_j` from a running estimate `a_j` of how often the model's own slot-`j` prediction
+is right, so training drafts are exactly as reliable as the drafts generation will feed back.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["SCHEDULES", "EXPONENTIAL_RATE", "PAD_ID", "noise_schedule", "discrete_tensor_noise"]
+__all__ = ["SCHEDULES", "ADAPTIVE", "EXPONENTIAL_RATE", "PAD_ID", "noise_schedule", "discrete_tensor_noise"]
+
+#: Name of the schedule that follows the model's own draft accuracy (handled by `TensorARWrapper`).
+ADAPTIVE = "adaptive"
 
 #: Id used for window slots past the last image position; never noised, never a target.
 PAD_ID = -1
@@ -50,6 +57,9 @@ def noise_schedule(window: int, schedule: Schedule = "exponential", *, max_noise
     if not 0.0 <= max_noise <= 1.0:
         raise ValueError(f"max_noise must be in [0, 1], got {max_noise!r}")
     if isinstance(schedule, str):
+        if schedule == ADAPTIVE:
+            raise ValueError("the 'adaptive' schedule depends on the model's draft accuracy: use "
+                             "TensorARWrapper(noise_schedule='adaptive'), or pass beta= to discrete_tensor_noise")
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(SCHEDULES)} "
                              "or pass a callable")
@@ -71,13 +81,14 @@ def noise_schedule(window: int, schedule: Schedule = "exponential", *, max_noise
 
 def discrete_tensor_noise(windows: torch.Tensor, codebook_size: int, schedule: Schedule = "exponential", *,
                           max_noise: float = 1.0, generator: torch.Generator | None = None,
-                          return_mask: bool = False):
+                          return_mask: bool = False, beta: torch.Tensor | None = None):
     """Replace slot `j` of each window (last dim) by a uniform codebook index with probability `beta(j)`.
 
     `windows` is an integer tensor `[..., k]`; entries equal to `PAD_ID` (negative) are padding and
     stay as they are. A replacement is drawn uniformly over the whole codebook, so it can equal the
     clean token (the paper's `q(x* | x) = (1 - beta) onehot(x) + beta / V`). With `return_mask` the
-    boolean mask of replaced slots is returned too.
+    boolean mask of replaced slots is returned too. `beta` (`[k]`, values in [0, 1]) replaces the
+    schedule; slot 0 is still never noised.
     """
     if windows.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
         raise ValueError(f"windows must be an integer tensor of token ids, got dtype {windows.dtype}")
@@ -85,7 +96,12 @@ def discrete_tensor_noise(windows: torch.Tensor, codebook_size: int, schedule: S
         raise ValueError("windows must have a last dimension of size k")
     if codebook_size < 1:
         raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-    beta = noise_schedule(windows.shape[-1], schedule, max_noise=max_noise, device=windows.device)
+    if beta is None:
+        beta = noise_schedule(windows.shape[-1], schedule, max_noise=max_noise, device=windows.device)
+    else:
+        if beta.shape != windows.shape[-1:] or bool(((beta < 0) | (beta > 1)).any()):
+            raise ValueError(f"beta must hold {windows.shape[-1]} probabilities in [0, 1], got {beta}")
+        beta = torch.cat([beta.new_zeros(1), beta[1:]]).to(windows.device, torch.float32)
     draws = torch.rand(windows.shape, generator=generator, device=windows.device)
     replace = (draws < beta) & (windows >= 0)
     random_ids = torch.randint(0, codebook_size, windows.shape, generator=generator, device=windows.device,

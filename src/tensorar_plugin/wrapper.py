@@ -20,7 +20,7 @@ from torch import nn
 from .adapters import BackboneAdapter, find_adapter
 from .generation import GenerationOutput, check_cond_mask, generate_windows
 from .heads import TensorDecoder, TensorEncoder
-from .noise import SCHEDULES, discrete_tensor_noise
+from .noise import ADAPTIVE, SCHEDULES, discrete_tensor_noise
 from .windows import IGNORE_INDEX, input_windows, target_windows
 
 __all__ = ["TensorARConfig", "TensorAROutput", "TensorARWrapper", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_NAME"]
@@ -41,8 +41,9 @@ class TensorARConfig:
     hidden_dim: int | None = None  # inner width of the query transformers; default: half the model width
     num_heads: int | None = None
     mlp_ratio: float = 4.0
-    noise_schedule: str = "exponential"
+    noise_schedule: str = "exponential"  # or "adaptive": beta(j) = 1 - running accuracy of slot-j drafts
     max_noise: float = 1.0
+    adaptive_momentum: float = 0.99  # EMA momentum of the draft accuracy behind the "adaptive" schedule
     slot_weights: list[float] | None = None  # loss weight per slot; default uniform
     label_dropout: bool = True  # keep the base model's condition dropout in training (for CFG)
     base_hidden_size: int | None = None  # recorded to refuse loading into a different backbone
@@ -63,8 +64,11 @@ class TensorARConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_dim ({self.hidden_dim})")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-        if self.noise_schedule not in SCHEDULES and self.noise_schedule != "custom":
-            raise ValueError(f"noise_schedule must be one of {', '.join(SCHEDULES)}, got {self.noise_schedule!r}")
+        if self.noise_schedule not in (*SCHEDULES, ADAPTIVE, "custom"):
+            raise ValueError(f"noise_schedule must be one of {', '.join((*SCHEDULES, ADAPTIVE))}, "
+                             f"got {self.noise_schedule!r}")
+        if not 0.0 <= self.adaptive_momentum < 1.0:
+            raise ValueError(f"adaptive_momentum must be in [0, 1), got {self.adaptive_momentum!r}")
         if not 0.0 <= self.max_noise <= 1.0:
             raise ValueError(f"max_noise must be in [0, 1], got {self.max_noise!r}")
         if self.slot_weights is not None:
@@ -104,18 +108,20 @@ class TensorARWrapper(nn.Module):
         window: tokens per predicted tensor (`k`); 1 reproduces the base model exactly.
         adapter: a `BackboneAdapter` for models no registered adapter recognises.
         encoder_depth / decoder_depth / hidden_dim / num_heads / mlp_ratio: query-transformer shape.
-        noise_schedule: "exponential" (default), "linear", "sine", "sqrt", or a callable `u -> beta`.
+        noise_schedule: "exponential" (default), "linear", "sine", "sqrt", "adaptive" (noise follows the
+            model's own draft accuracy), or a callable `u -> beta`.
         max_noise: replacement probability of the last slot (the schedule is scaled to it).
         slot_weights: per-slot loss weights (uniform by default).
         freeze_backbone: train only the new parts.
         label_dropout: keep the base model's condition dropout in training (needed for CFG).
+        adaptive_momentum: EMA momentum of the draft accuracy behind `noise_schedule="adaptive"`.
     """
 
     def __init__(self, model: nn.Module, window: int = 4, *, adapter: BackboneAdapter | None = None,
                  encoder_depth: int = 1, decoder_depth: int = 1, hidden_dim: int | None = None,
                  num_heads: int | None = None, mlp_ratio: float = 4.0, noise_schedule="exponential",
                  max_noise: float = 1.0, slot_weights=None, freeze_backbone: bool = False,
-                 label_dropout: bool = True, config: TensorARConfig | None = None):
+                 label_dropout: bool = True, adaptive_momentum: float = 0.99, config: TensorARConfig | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -127,6 +133,7 @@ class TensorARWrapper(nn.Module):
                 num_heads=num_heads, mlp_ratio=mlp_ratio,
                 noise_schedule=noise_schedule if isinstance(noise_schedule, str) else "custom",
                 max_noise=max_noise, slot_weights=slot_weights, label_dropout=label_dropout,
+                adaptive_momentum=adaptive_momentum,
             )
         else:
             self._schedule = config.noise_schedule
@@ -151,6 +158,8 @@ class TensorARWrapper(nn.Module):
             ref = self.adapter.embedding_weight
             self.encoder = TensorEncoder(depth=config.encoder_depth, **shape).to(ref.device, ref.dtype)
             self.decoder = TensorDecoder(depth=config.decoder_depth, **shape).to(ref.device, ref.dtype)
+            if config.noise_schedule == ADAPTIVE:  # saved with the encoder, so resuming keeps the noise level
+                self.encoder.register_buffer("draft_accuracy", torch.zeros(config.window, device=ref.device))
         weights = config.slot_weights or [1.0] * config.window
         self.register_buffer("slot_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.set_backbone_frozen(freeze_backbone)
@@ -228,7 +237,8 @@ class TensorARWrapper(nn.Module):
             windows = input_windows(tokens, k)
             if self.training and k > 1:
                 windows = discrete_tensor_noise(windows, self.vocab_size, self._schedule,
-                                                max_noise=self.config.max_noise, generator=generator)
+                                                max_noise=self.config.max_noise, generator=generator,
+                                                beta=self.adaptive_beta())
             embeddings = torch.cat([embeddings, self.embed_windows(windows)], dim=1)
         mask_kwargs = {}
         if cond_mask is not None:
@@ -236,21 +246,38 @@ class TensorARWrapper(nn.Module):
         hidden = self.adapter.forward_hidden(embeddings, **mask_kwargs)[:, self.adapter.num_cond_tokens - 1:]
         logits = self.window_logits(hidden)
         targets = target_windows(tokens, k)
-        loss, slot_losses = self._loss(logits, targets)
+        loss, slot_losses, per_token = self._loss(logits, targets)
+        if self.training and self.adaptive_beta() is not None:
+            self._track_draft_accuracy(per_token, targets)
         return TensorAROutput(loss=loss, logits=logits, targets=targets, slot_losses=slot_losses)
+
+    def adaptive_beta(self) -> torch.Tensor | None:
+        """Current per-slot noise of the "adaptive" schedule (`1 - draft accuracy`, scaled), else None."""
+        accuracy = getattr(self.encoder, "draft_accuracy", None)
+        if accuracy is None:
+            return None
+        return (1.0 - accuracy).clamp(0.0, 1.0) * self.config.max_noise
+
+    @torch.no_grad()
+    def _track_draft_accuracy(self, per_token_ce: torch.Tensor, targets: torch.Tensor) -> None:
+        """EMA of the probability that a draft sampled from slot `j` is the true token (`E[p(target)]`)."""
+        valid = targets != IGNORE_INDEX
+        hit = (torch.exp(-per_token_ce) * valid).sum(dim=(0, 1)) / valid.sum(dim=(0, 1)).clamp_min(1)
+        momentum = self.config.adaptive_momentum
+        self.encoder.draft_accuracy.mul_(momentum).add_(hit.to(self.encoder.draft_accuracy), alpha=1 - momentum)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor):
         vocab = logits.shape[-1]
         if self.window == 1:  # exactly the base model's loss
             loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
-            return loss, loss.detach().reshape(1)
+            return loss, loss.detach().reshape(1), None
         per_token = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                     reduction="none").view_as(targets)
         valid = (targets != IGNORE_INDEX).float()
         weights = self.slot_weights.to(per_token.device) * valid
         loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-12)
         slot_losses = (per_token * valid).sum(dim=(0, 1)) / valid.sum(dim=(0, 1)).clamp_min(1)
-        return loss, slot_losses.detach()
+        return loss, slot_losses.detach(), per_token.detach()
 
     # -- generation --------------------------------------------------------------------------------
     @torch.no_grad()
