@@ -113,3 +113,26 @@ def test_quality_benchmark_tiny(tmp_path):
     assert len(result["runs"]) == 4 and set(result["summary"]) == {"plain", "tensorar"}
     assert "STAND-IN" in result["settings"]["features"]["label"]
     assert "## Quality (small-scale reproduction)" in (tmp_path / "b.md").read_text()
+
+
+def test_cli_sample_from_a_save_pretrained_folder(tmp_path, capsys):
+    """A non-preset backbone is rebuilt from the backbone_config.json that save_pretrained writes."""
+    import json
+
+    from conftest import perturb_heads_, tiny_llamagen
+
+    from tensorar_plugin import TensorARWrapper
+    from tensorar_plugin.models.vq import VQConfig, VQModel
+
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(), window=3))
+    wrapper.save_pretrained(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "backbone_config.json").read_text()) == wrapper.base_model.config.to_dict()
+    stages = [1, 2, 2, 4]  # VQ-8's stages at a small width: load_vq recognises the preset from the weights
+    vq = VQModel(VQConfig(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=stages, decoder_ch_mult=stages,
+                          z_channels=32, base_channels=32, num_res_blocks=1))
+    torch.save(vq.state_dict(), tmp_path / "vq.pt")
+    out = tmp_path / "grid.png"
+    assert cli_main(["sample", "--model", str(tmp_path / "run"), "--vq", str(tmp_path / "vq.pt"), "--per-class", "2",
+                 "--classes", "0", "1", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    with PIL.open(out) as image:
+        assert image.size[0] > 0

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .state_dicts import describe_mismatch
-from .wrapper import ADAPTER_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TensorARConfig
+from .wrapper import ADAPTER_NAME, BACKBONE_CONFIG_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TensorARConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -53,6 +53,10 @@ def save_wrapper(wrapper: TensorARWrapper, save_directory: str | Path, *, save_b
     (directory / stale).unlink(missing_ok=True)
     config = {"format_version": FORMAT_VERSION, "includes_backbone": includes_backbone, **wrapper.config.to_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    base_config = getattr(wrapper.base_model, "config", None)
+    if hasattr(base_config, "to_dict"):  # lets tools rebuild the backbone without guessing its shape
+        (directory / BACKBONE_CONFIG_NAME).write_text(json.dumps(base_config.to_dict(), indent=2, sort_keys=True,
+                                                                 default=str) + "\n")
     return directory
 
 

@@ -23,11 +23,13 @@ from .heads import TensorDecoder, TensorEncoder
 from .noise import ADAPTIVE, SCHEDULES, discrete_tensor_noise
 from .windows import IGNORE_INDEX, input_windows, target_windows
 
-__all__ = ["TensorARConfig", "TensorAROutput", "TensorARWrapper", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_NAME"]
+__all__ = ["TensorARConfig", "TensorAROutput", "TensorARWrapper", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_NAME",
+           "BACKBONE_CONFIG_NAME"]
 
 CONFIG_NAME = "tensorar_config.json"
 WEIGHTS_NAME = "model.safetensors"
 ADAPTER_NAME = "tensorar_adapter.safetensors"
+BACKBONE_CONFIG_NAME = "backbone_config.json"  # the base model's own config, when it has a `to_dict()` config
 FORMAT_VERSION = 1
 
 

@@ -11,6 +11,7 @@ sampled plainly with `--window 1`), a demo-style bundle folder (written by
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,8 @@ def _load(args, device, dtype):
     if path.is_dir():  # a folder written by save_pretrained, backbone included
         from safetensors.torch import load_file
 
-        from ..wrapper import WEIGHTS_NAME
+        from ..models.llamagen import LlamaGenConfig
+        from ..wrapper import BACKBONE_CONFIG_NAME, WEIGHTS_NAME
 
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
@@ -92,7 +94,11 @@ def _load(args, device, dtype):
             raise SystemExit("error: a save_pretrained folder needs --vq (tokenizer hub name or file)")
         state = load_file(str(weights))
         base_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
-        config = infer_llamagen_config(base_state, image_size=args.image_size)
+        saved_config = path / BACKBONE_CONFIG_NAME
+        if saved_config.is_file():  # written by save_pretrained for LlamaGen backbones
+            config = LlamaGenConfig.from_dict(json.loads(saved_config.read_text()))
+        else:
+            config = infer_llamagen_config(base_state, image_size=args.image_size)
         wrapper = TensorARWrapper.from_pretrained(path, LlamaGen(config))
         vq = load_vq(args.vq, device=device)
         grid = config.grid_size
