@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-base-eval", action="store_true", help="skip the base-model reference row")
     p.add_argument("--noise-schedule", default="exponential",
                    help="TensorAR draft-noise schedule: exponential (default), linear, sine, sqrt")
+    p.add_argument("--slot-weights", type=float, nargs="+", default=None,
+                   help="TensorAR per-slot loss weights (4 numbers; default uniform)")
     p.add_argument("--only", choices=("plain", "tensorar"), default=None, help="run one arm only")
     p.add_argument("--also-argmax", action="store_true",
                    help="also sample the TensorAR model with argmax drafts (no extra training)")
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
             if arm == "plain":
                 loss_fn, params = td.plain_loss_fn(model, train_tokens, train_y), model.parameters()
             else:
-                model = TensorARWrapper(model, window=4, noise_schedule=args.noise_schedule).train()
+                model = TensorARWrapper(model, window=4, noise_schedule=args.noise_schedule,
+                                        slot_weights=args.slot_weights).train()
                 loss_fn, params = td.tensorar_loss_fn(model, train_tokens, train_y, seed), model.parameters()
             t0 = time.time()
             losses = td.fit(loss_fn, params, len(train_tokens), seed=seed, label=f"{arm} seed {seed}",
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "settings": {"tiny": tiny, "steps": args.steps, "seeds": args.seeds, "num_samples": len(cond),
                      "ref_images": len(ref_x), "batch": args.batch, "lr": args.lr, "window": 4,
-                     "noise_schedule": args.noise_schedule,
+                     "noise_schedule": args.noise_schedule, "slot_weights": args.slot_weights,
                      "sampling": {**sampling, "draft": "sample"}, "features": features_info,
                      "base": "tiny (trained inline)" if tiny else args.base, "threads": args.threads,
                      "device": f"CPU ({platform.processor() or platform.machine()})",
