@@ -127,7 +127,7 @@ def test_push_to_hub_uploads_safetensors_config_and_card(tmp_path, monkeypatch):
     url = trained_like(freeze_backbone=True).push_to_hub("me/tensorar-tiny", token="t0k")
     assert url == "https://hub/me/tensorar-tiny/commit/1"
     assert calls["repo"] == ("me/tensorar-tiny", None, True) and calls["token"] == "t0k"
-    assert calls["files"] == ["README.md", ADAPTER_NAME, CONFIG_NAME]
+    assert calls["files"] == ["README.md", "backbone_config.json", ADAPTER_NAME, CONFIG_NAME]
     assert "window (tokens per predicted tensor): 4" in calls["card"]
 
 
