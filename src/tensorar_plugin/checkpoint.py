@@ -6,7 +6,8 @@ Two layouts, told apart by the file present:
 * `tensorar_adapter.safetensors`: only the new parts, to be put back around the same base model
   (like a peft adapter).
 
-Both come with `tensorar_config.json`. Nothing is ever unpickled.
+Both come with `tensorar_config.json` and, when the backbone has a config with `to_dict()` (LlamaGen),
+`backbone_config.json` so tools can rebuild it. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
