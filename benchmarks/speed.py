@@ -131,6 +131,11 @@ def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor)
     for label, fn in runs.items():
         with torch.inference_mode():
             result[label] = statistics.median(timed(fn, args.device, args.repeats))
+    if compile_opts:  # the fast path must not change a single token (greedy decoding, argmax drafts)
+        greedy = dict(cfg_scale=args.cfg_scale, greedy=True, draft="argmax")
+        with torch.inference_mode():
+            result["fast_path_tokens_equal"] = float(torch.equal(wrapper.generate(cond, compile=compile_opts, **greedy),
+                                                                 wrapper.generate(cond, **greedy)))
     return result
 
 
