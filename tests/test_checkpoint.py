@@ -105,7 +105,10 @@ def test_custom_schedule_is_recorded_and_can_be_supplied_again(tmp_path):
 
 
 def test_push_to_hub_uploads_safetensors_config_and_card(tmp_path, monkeypatch):
-    import huggingface_hub
+    """push_to_hub goes through huggingface_hub's ModelHubMixin (its HfApi is replaced by a recorder)."""
+    from pathlib import Path
+
+    import huggingface_hub.hub_mixin as hub_mixin
 
     calls = {}
 
@@ -113,22 +116,32 @@ def test_push_to_hub_uploads_safetensors_config_and_card(tmp_path, monkeypatch):
         def __init__(self, token=None):
             calls["token"] = token
 
-        def create_repo(self, repo_id, private=None, exist_ok=False):
+        def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
             calls["repo"] = (repo_id, private, exist_ok)
+            return type("RepoUrl", (), {"repo_id": repo_id})()
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            from pathlib import Path
-
+        def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
             calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
             calls["card"] = (Path(folder_path) / "README.md").read_text()
+            calls["message"] = commit_message
             return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    url = trained_like(freeze_backbone=True).push_to_hub("me/tensorar-tiny", token="t0k")
+    monkeypatch.setattr(hub_mixin, "HfApi", FakeApi)
+    wrapper = trained_like(freeze_backbone=True)
+    assert isinstance(wrapper, hub_mixin.ModelHubMixin)
+    url = wrapper.push_to_hub("me/tensorar-tiny", token="t0k")
     assert url == "https://hub/me/tensorar-tiny/commit/1"
     assert calls["repo"] == ("me/tensorar-tiny", None, True) and calls["token"] == "t0k"
     assert calls["files"] == ["README.md", "backbone_config.json", ADAPTER_NAME, CONFIG_NAME]
-    assert "window (tokens per predicted tensor): 4" in calls["card"]
+    assert "# me/tensorar-tiny" in calls["card"] and "window (tokens per predicted tensor): 4" in calls["card"]
+    assert "only the TensorAR parts" in calls["card"]
+
+
+def test_local_save_writes_a_model_card(tmp_path):
+    trained_like().save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: tensorar-plugin" in card and "the whole model" in card
+    assert not (tmp_path / "config.json").exists()  # our config is tensorar_config.json
 
 
 def test_save_pretrained_can_write_other_tensors_under_the_same_keys(tmp_path):
@@ -141,3 +154,17 @@ def test_save_pretrained_can_write_other_tensors_under_the_same_keys(tmp_path):
     assert full.keys() == shadow.keys() and all(torch.equal(full[k], shadow[k]) for k in full)
     assert parts and all(k.startswith(("encoder.", "decoder.")) and torch.all(v == 0.5) for k, v in parts.items())
     assert not torch.all(wrapper.encoder.query == 0.5)  # the live weights are untouched
+
+
+def test_mixin_entry_point_and_copies(tmp_path):
+    import copy
+
+    from huggingface_hub import ModelHubMixin
+
+    wrapper = trained_like()
+    wrapper.save_pretrained(tmp_path)
+    loaded = ModelHubMixin.from_pretrained.__func__(TensorARWrapper, tmp_path, model=tiny_llamagen(seed=5))
+    assert_same_state(wrapper, loaded)
+    with pytest.raises(ValueError, match="base model"):
+        ModelHubMixin.from_pretrained.__func__(TensorARWrapper, tmp_path)
+    assert_same_state(copy.deepcopy(wrapper), wrapper)

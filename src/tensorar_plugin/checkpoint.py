@@ -13,7 +13,6 @@ Both come with `tensorar_config.json` and, when the backbone has a config with `
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from .adapters import BackboneAdapter
     from .wrapper import TensorARWrapper
 
-__all__ = ["save_wrapper", "load_wrapper", "push_wrapper_to_hub", "model_card"]
+__all__ = ["save_wrapper", "load_wrapper", "model_card"]
 
 
 def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,18 +157,3 @@ model = {load}
 tokens = model.generate(class_ids, cfg_scale=2.0)
 ```
 """
-
-
-def push_wrapper_to_hub(wrapper: TensorARWrapper, repo_id: str, *, save_backbone: bool | None = None,
-                        private: bool | None = None, token: str | None = None,
-                        commit_message: str = "Upload TensorAR model") -> str:
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_wrapper(wrapper, tmp, save_backbone=save_backbone)
-        includes_backbone = (Path(tmp) / WEIGHTS_NAME).is_file()
-        (Path(tmp) / "README.md").write_text(model_card(wrapper, repo_id, includes_backbone))
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
-    return str(getattr(info, "commit_url", info))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
 from .adapters import BackboneAdapter, find_adapter
@@ -102,7 +103,9 @@ class TensorAROutput:
     slot_losses: torch.Tensor  # mean cross-entropy of each slot `[k]`, detached, for logging
 
 
-class TensorARWrapper(nn.Module):
+class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
+                      tags=["tensorar", "autoregressive-image-generation"],
+                      repo_url="https://pypi.org/project/tensorar-plugin/"):
     """Turn a causal image-token transformer into a next-tensor (window of `window` tokens) predictor.
 
     Args:
@@ -165,6 +168,8 @@ class TensorARWrapper(nn.Module):
         weights = config.slot_weights or [1.0] * config.window
         self.register_buffer("slot_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.set_backbone_frozen(freeze_backbone)
+        # The hub mixin would write the constructor arguments to config.json; ours is tensorar_config.json.
+        self._hub_mixin_config = None
 
     # -- introspection -------------------------------------------------------------------------
     @property
@@ -316,16 +321,35 @@ class TensorARWrapper(nn.Module):
                 for key, value in module.state_dict().items()}
 
     def save_pretrained(self, save_directory: str | Path, *, save_backbone: bool | None = None,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write `tensorar_config.json` and safetensors weights into `save_directory`.
+                        state_dict: dict[str, torch.Tensor] | None = None, **hub_kwargs) -> Path:
+        """Write `tensorar_config.json`, safetensors weights and a model card (README.md) into `save_directory`.
 
         `save_backbone=None` saves the whole model unless the backbone is frozen (then only the new
         parts, adapter-style, into `tensorar_adapter.safetensors`). `state_dict` saves other tensors
-        than the live ones (EMA weights, a gathered FSDP state) under the same keys.
+        than the live ones (EMA weights, a gathered FSDP state) under the same keys. `hub_kwargs` go to
+        huggingface_hub's `ModelHubMixin.save_pretrained` (`push_to_hub=True`, `repo_id`, ...).
         """
+        if save_backbone is None:
+            save_backbone = self.__dict__.get("_push_save_backbone")
+        self.__dict__["_save_options"] = {"save_backbone": save_backbone, "state_dict": state_dict}
+        try:
+            ModelHubMixin.save_pretrained(self, save_directory, **hub_kwargs)
+        finally:
+            self.__dict__.pop("_save_options", None)
+        return Path(save_directory)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
         from .checkpoint import save_wrapper
 
-        return save_wrapper(self, save_directory, save_backbone=save_backbone, state_dict=state_dict)
+        save_wrapper(self, save_directory, **self.__dict__.get("_save_options", {}))
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The README written next to the weights: what they are and how to load them."""
+        from .checkpoint import model_card
+
+        save_backbone = self.__dict__.get("_save_options", {}).get("save_backbone")
+        includes_backbone = (not self.backbone_frozen) if save_backbone is None else bool(save_backbone)
+        return ModelCard(model_card(self, kwargs.get("repo_id", "TensorAR model"), includes_backbone))
 
     @classmethod
     def from_pretrained(cls, pretrained: str | Path, model: nn.Module, *, adapter: BackboneAdapter | None = None,
@@ -340,13 +364,31 @@ class TensorARWrapper(nn.Module):
         return load_wrapper(cls, pretrained, model, adapter=adapter, window=window, noise_schedule=noise_schedule,
                             **hub_kwargs)
 
-    def push_to_hub(self, repo_id: str, *, save_backbone: bool | None = None, private: bool | None = None,
-                    token: str | None = None, commit_message: str = "Upload TensorAR model") -> str:
-        """Save (safetensors + config + model card) and upload to the Hugging Face Hub; returns the commit URL."""
-        from .checkpoint import push_wrapper_to_hub
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None,
+                         force_download: bool = False, local_files_only: bool = False, token=None,
+                         model: nn.Module | None = None, adapter: BackboneAdapter | None = None,
+                         window: int | None = None, noise_schedule=None, **_ignored) -> TensorARWrapper:
+        # reached through ModelHubMixin.from_pretrained(repo, model=...): the base model is required
+        if model is None:
+            raise ValueError("loading a TensorAR model needs the base model: from_pretrained(repo_or_dir, model)")
+        hub_kwargs = {k: v for k, v in dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                              local_files_only=local_files_only, token=token).items() if v}
+        return cls.from_pretrained(model_id, model, adapter=adapter, window=window, noise_schedule=noise_schedule,
+                                   **hub_kwargs)
 
-        return push_wrapper_to_hub(self, repo_id, save_backbone=save_backbone, private=private, token=token,
-                                   commit_message=commit_message)
+    def push_to_hub(self, repo_id: str, *, save_backbone: bool | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload TensorAR model", **hub_kwargs) -> str:
+        """Save (safetensors + config + model card) and upload through huggingface_hub's `ModelHubMixin`;
+        returns the commit URL. `hub_kwargs` (branch, create_pr, ...) go to the mixin."""
+        self.__dict__["_push_save_backbone"] = save_backbone
+        hub_kwargs.setdefault("model_card_kwargs", {"repo_id": repo_id})
+        try:
+            info = ModelHubMixin.push_to_hub(self, repo_id, private=private, token=token,
+                                             commit_message=commit_message, **hub_kwargs)
+        finally:
+            self.__dict__.pop("_push_save_backbone", None)
+        return str(getattr(info, "commit_url", info))
 
     def extra_repr(self) -> str:
         return (f"window={self.window}, new_parameters={self.num_new_parameters():,}, "
