@@ -258,3 +258,31 @@ def test_adaptive_beta_drives_the_replacement_rate():
     torch.testing.assert_close(rate[1:], torch.tensor([0.25, 0.75]), atol=0.015, rtol=0)
     with pytest.raises(ValueError, match="beta"):
         discrete_tensor_noise(clean, 50, beta=torch.tensor([0.0, 1.5, 0.2]))
+
+
+def test_model_drafts_take_each_slot_from_the_output_that_generation_would_use():
+    windows = input_windows(torch.tensor([[10, 11, 12, 13, 14]]), 3)  # [1, 4, 3], PAD past the end
+    logits = torch.full((1, 5, 3, 64), -1e4)
+    for t in range(5):
+        for j in range(3):
+            logits[0, t, j, 20 * j + t] = 0.0  # output t, slot j puts all mass on token 20j + t
+    drafts = TensorARWrapper._model_drafts(windows, logits, torch.Generator().manual_seed(0))
+    # window fed at position t: [x_t, sample(output t, slot 1), sample(output t, slot 2)]
+    assert drafts.tolist() == [[[10, 20, 40], [11, 21, 41], [12, 22, 42], [13, 23, PAD_ID]]]
+
+
+def test_model_draft_training_runs_and_is_reproducible():
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(class_dropout_prob=0.0), window=4,
+                                             draft_source="model")).train()
+    tokens, cond = batch()
+    a = wrapper(tokens, cond, generator=torch.Generator().manual_seed(3))
+    b = wrapper(tokens, cond, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.logits, b.logits) and torch.isfinite(a.loss)
+    a.loss.backward()
+    assert wrapper.encoder.in_proj.weight.grad.abs().sum() > 0
+    noise_only = perturb_heads_(TensorARWrapper(tiny_llamagen(class_dropout_prob=0.0), window=4)).train()
+    with torch.no_grad():
+        c = noise_only(tokens, cond, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(a.logits.detach(), c.logits)
+    with pytest.raises(ValueError, match="draft_source"):
+        TensorARWrapper(tiny_llamagen(), window=2, draft_source="oracle")

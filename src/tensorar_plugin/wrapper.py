@@ -22,6 +22,7 @@ from .adapters import BackboneAdapter, find_adapter
 from .generation import GenerationOutput, check_cond_mask, generate_windows
 from .heads import TensorDecoder, TensorEncoder
 from .noise import ADAPTIVE, SCHEDULES, discrete_tensor_noise
+from .sampling import sample_tokens
 from .windows import IGNORE_INDEX, input_windows, target_windows
 
 __all__ = ["TensorARConfig", "TensorAROutput", "TensorARWrapper", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_NAME",
@@ -49,6 +50,7 @@ class TensorARConfig:
     adaptive_momentum: float = 0.99  # EMA momentum of the draft accuracy behind the "adaptive" schedule
     slot_weights: list[float] | None = None  # loss weight per slot; default uniform
     label_dropout: bool = True  # keep the base model's condition dropout in training (for CFG)
+    draft_source: str = "noise"  # "model": drafts sampled from a no-grad pass of the model itself (ours)
     base_hidden_size: int | None = None  # recorded to refuse loading into a different backbone
     base_vocab_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +72,8 @@ class TensorARConfig:
         if self.noise_schedule not in (*SCHEDULES, ADAPTIVE, "custom"):
             raise ValueError(f"noise_schedule must be one of {', '.join((*SCHEDULES, ADAPTIVE))}, "
                              f"got {self.noise_schedule!r}")
+        if self.draft_source not in ("noise", "model"):
+            raise ValueError(f"draft_source must be 'noise' or 'model', got {self.draft_source!r}")
         if not 0.0 <= self.adaptive_momentum < 1.0:
             raise ValueError(f"adaptive_momentum must be in [0, 1), got {self.adaptive_momentum!r}")
         if not 0.0 <= self.max_noise <= 1.0:
@@ -120,13 +124,16 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         freeze_backbone: train only the new parts.
         label_dropout: keep the base model's condition dropout in training (needed for CFG).
         adaptive_momentum: EMA momentum of the draft accuracy behind `noise_schedule="adaptive"`.
+        draft_source: "noise" (the paper: drafts are noised clean tokens) or "model" (ours: drafts are
+            sampled from a gradient-free pass of the model over the noised windows, as generation makes them).
     """
 
     def __init__(self, model: nn.Module, window: int = 4, *, adapter: BackboneAdapter | None = None,
                  encoder_depth: int = 1, decoder_depth: int = 1, hidden_dim: int | None = None,
                  num_heads: int | None = None, mlp_ratio: float = 4.0, noise_schedule="exponential",
                  max_noise: float = 1.0, slot_weights=None, freeze_backbone: bool = False,
-                 label_dropout: bool = True, adaptive_momentum: float = 0.99, config: TensorARConfig | None = None):
+                 label_dropout: bool = True, adaptive_momentum: float = 0.99, draft_source: str = "noise",
+                 config: TensorARConfig | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -138,7 +145,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                 num_heads=num_heads, mlp_ratio=mlp_ratio,
                 noise_schedule=noise_schedule if isinstance(noise_schedule, str) else "custom",
                 max_noise=max_noise, slot_weights=slot_weights, label_dropout=label_dropout,
-                adaptive_momentum=adaptive_momentum,
+                adaptive_momentum=adaptive_momentum, draft_source=draft_source,
             )
         else:
             self._schedule = config.noise_schedule
@@ -239,24 +246,48 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             self.adapter.check_condition(cond, tokens.shape[0])
         k = self.window
         train_cond = self.base_model.training and self.config.label_dropout
-        embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)
+        cond_embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)
+        mask_kwargs = {}
+        if cond_mask is not None:
+            mask_kwargs["cond_mask"] = check_cond_mask(cond_mask, self.adapter, tokens.shape[0], guided=False)
+        windows = None
         if tokens.shape[1] > 1:
             windows = input_windows(tokens, k)
             if self.training and k > 1:
                 windows = discrete_tensor_noise(windows, self.vocab_size, self._schedule,
                                                 max_noise=self.config.max_noise, generator=generator,
                                                 beta=self.adaptive_beta())
-            embeddings = torch.cat([embeddings, self.embed_windows(windows)], dim=1)
-        mask_kwargs = {}
-        if cond_mask is not None:
-            mask_kwargs["cond_mask"] = check_cond_mask(cond_mask, self.adapter, tokens.shape[0], guided=False)
-        hidden = self.adapter.forward_hidden(embeddings, **mask_kwargs)[:, self.adapter.num_cond_tokens - 1:]
-        logits = self.window_logits(hidden)
+                if self.config.draft_source == "model":
+                    with torch.no_grad():
+                        draft_logits = self._window_forward(cond_embeddings.detach(), windows, mask_kwargs)
+                    windows = self._model_drafts(windows, draft_logits, generator)
+        logits = self._window_forward(cond_embeddings, windows, mask_kwargs)
         targets = target_windows(tokens, k)
         loss, slot_losses, per_token = self._loss(logits, targets)
         if self.training and self.adaptive_beta() is not None:
             self._track_draft_accuracy(per_token, targets)
         return TensorAROutput(loss=loss, logits=logits, targets=targets, slot_losses=slot_losses)
+
+    def _window_forward(self, cond_embeddings: torch.Tensor, windows: torch.Tensor | None,
+                        mask_kwargs: dict) -> torch.Tensor:
+        """Condition + input windows -> window logits `[B, T, k, V]` (output 0 is the last condition token)."""
+        embeddings = cond_embeddings
+        if windows is not None:
+            embeddings = torch.cat([cond_embeddings, self.embed_windows(windows)], dim=1)
+        hidden = self.adapter.forward_hidden(embeddings, **mask_kwargs)[:, self.adapter.num_cond_tokens - 1:]
+        return self.window_logits(hidden)
+
+    @staticmethod
+    def _model_drafts(windows: torch.Tensor, draft_logits: torch.Tensor,
+                      generator: torch.Generator | None) -> torch.Tensor:
+        """Replace the draft slots of `windows` `[B, T-1, k]` by tokens sampled from the model's own predictions.
+
+        Output `t` predicts positions `t .. t+k-1`, so slot `j` of the window fed at position `t` takes a
+        sample of output `t`'s slot `j`, exactly the draft generation would feed; padding stays padding.
+        """
+        sampled = sample_tokens(draft_logits[:, : windows.shape[1], 1:], generator=generator)
+        drafts = torch.where(windows[..., 1:] >= 0, sampled.to(windows.dtype), windows[..., 1:])
+        return torch.cat([windows[..., :1], drafts], dim=-1)
 
     def adaptive_beta(self) -> torch.Tensor | None:
         """Current per-slot noise of the "adaptive" schedule (`1 - draft accuracy`, scaled), else None."""
