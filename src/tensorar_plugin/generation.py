@@ -109,9 +109,9 @@ def generate_windows(
     cond_emb = adapter.embed_condition(cond_all, train=False)
     current = None
     for step in tqdm(range(total), disable=not progress, desc="sampling", unit="tok", leave=False):
-        if step == 0:
+        if step == 0:  # prefill (a cached run keeps the condition mask in the cache's causal mask)
             pos = torch.arange(n_cond, device=device) if use_cache else None
-            hidden = adapter.forward_hidden(cond_emb, pos, **({} if use_cache else mask_kwargs))[:, -1]
+            logits = window_logits(adapter.forward_hidden(cond_emb, pos, **({} if use_cache else mask_kwargs))[:, -1])
         else:
             fed_now = torch.cat([current, current]) if guided else current
             if use_cache:
@@ -120,9 +120,7 @@ def generate_windows(
                 fed[:, step - 1] = fed_now
                 sequence = torch.cat([cond_emb, embed_window(fed[:, :step])], dim=1)
                 logits = window_logits(adapter.forward_hidden(sequence, **mask_kwargs)[:, -1])
-        if step == 0:
-            logits = window_logits(hidden)  # [rows, k, V]
-        if guided:
+        if guided:  # logits: [rows, k, V]
             cond_logits, uncond_logits = logits.chunk(2)
             keep_guidance = cfg_interval < 0 or step - 1 <= cfg_interval
             logits = guided_logits(cond_logits, uncond_logits, cfg_scale) if keep_guidance else cond_logits

@@ -205,14 +205,10 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k_val: torch.Tensor, v_val: torch.Tensor):
         """Write `[B, H, L, D]` keys/values at positions `input_pos` (length L); return the whole cache."""
-        bsz = k_val.shape[0]
-        if bsz == self.k_cache.shape[0]:
-            self.k_cache.index_copy_(2, input_pos, k_val.to(self.k_cache.dtype))
-            self.v_cache.index_copy_(2, input_pos, v_val.to(self.v_cache.dtype))
-            return self.k_cache, self.v_cache
-        self.k_cache[:bsz].index_copy_(2, input_pos, k_val.to(self.k_cache.dtype))
-        self.v_cache[:bsz].index_copy_(2, input_pos, v_val.to(self.v_cache.dtype))
-        return self.k_cache[:bsz], self.v_cache[:bsz]
+        keys, values = self.k_cache[: k_val.shape[0]], self.v_cache[: v_val.shape[0]]  # views: writes land in the cache
+        keys.index_copy_(2, input_pos, k_val.to(keys.dtype))
+        values.index_copy_(2, input_pos, v_val.to(values.dtype))
+        return keys, values
 
 
 class Attention(nn.Module):
