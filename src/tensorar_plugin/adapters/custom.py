@@ -120,6 +120,15 @@ def drop_conditions(cond: torch.Tensor, null: torch.Tensor, *, train: bool, prob
     return torch.where(drop.view(-1, *([1] * (cond.dim() - 1))), null.to(cond.dtype), cond)
 
 
+def checked_dropout_prob(prob: float, null, null_name: str) -> float:
+    """Validate a condition-dropout probability: in [0, 1], and > 0 only with a null condition to drop to."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"cond_dropout_prob must be in [0, 1], got {prob!r}")
+    if prob > 0 and null is None:
+        raise ValueError(f"cond_dropout_prob > 0 needs {null_name} (what a dropped condition becomes)")
+    return float(prob)
+
+
 def expand_null(null: torch.Tensor, cond: torch.Tensor, what: str) -> torch.Tensor:
     """One null condition (without or with a batch dimension of 1) repeated to `cond`'s batch."""
     null = null.to(cond.device)
@@ -243,11 +252,7 @@ class ModuleAdapter(BackboneAdapter):
             raise ValueError("hidden_size could not be read from embedding: pass hidden_size=")
         self._hidden_size = int(hidden_size)
         self._null = null_cond
-        if not 0.0 <= cond_dropout_prob <= 1.0:
-            raise ValueError(f"cond_dropout_prob must be in [0, 1], got {cond_dropout_prob!r}")
-        if cond_dropout_prob > 0 and null_cond is None:
-            raise ValueError("cond_dropout_prob > 0 needs null_cond (what a dropped condition becomes)")
-        self.cond_dropout_prob = float(cond_dropout_prob)
+        self.cond_dropout_prob = checked_dropout_prob(cond_dropout_prob, null_cond, "null_cond")
         self._num_classes = num_classes
         if model_type not in ("c2i", "t2i"):
             raise ValueError(f"model_type must be 'c2i' or 't2i', got {model_type!r}")

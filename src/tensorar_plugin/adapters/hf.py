@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BackboneAdapter
-from .custom import drop_conditions, expand_null, first_tensor, out_features, resolve_part
+from .custom import checked_dropout_prob, drop_conditions, expand_null, first_tensor, out_features, resolve_part
 
 __all__ = ["HFCausalLMAdapter", "is_hf_causal_lm"]
 
@@ -177,11 +177,7 @@ class HFCausalLMAdapter(BackboneAdapter):
             raise ValueError(f"num_cond_tokens must be an integer >= 1, got {num_cond_tokens!r}")
         self._num_cond = num_cond_tokens
         self.uncond_ids = uncond_ids
-        if not 0.0 <= cond_dropout_prob <= 1.0:
-            raise ValueError(f"cond_dropout_prob must be in [0, 1], got {cond_dropout_prob!r}")
-        if cond_dropout_prob > 0 and uncond_ids is None:
-            raise ValueError("cond_dropout_prob > 0 needs uncond_ids (what a dropped prompt becomes)")
-        self.cond_dropout_prob = float(cond_dropout_prob)
+        self.cond_dropout_prob = checked_dropout_prob(cond_dropout_prob, uncond_ids, "uncond_ids")
 
         self.max_positions = self._max_positions()
         if max_image_tokens is not None and (not isinstance(max_image_tokens, int) or max_image_tokens < 1):
