@@ -231,18 +231,90 @@ def test_adapter_is_shared_with_plain_sampler():
     assert torch.equal(sample_plain(adapter, CLASSES, greedy=True), sample_plain(model, CLASSES, greedy=True))
 
 
-def test_compiled_decode_step_has_no_graph_breaks_and_same_tokens():
+class GraphRecorder:
+    """A torch.compile backend that runs graphs eagerly and records each one's output dtypes."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def __call__(self, gm, example_inputs):
+        out_node = next(node for node in gm.graph.nodes if node.op == "output")
+        values = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
+        self.outputs.append([v.meta["example_value"].dtype for v in values])
+        return gm.forward
+
+
+def test_compiled_decode_step_is_one_graph_from_window_to_sampled_window():
+    """Guidance batch, backbone, heads, guidance mix and sampling compile as ONE graph that returns
+    token ids: the Python loop is left with drawing noise and storing the committed token."""
     torch._dynamo.reset()
     wrapper = wrapped(4)
+    recorder = GraphRecorder()
+    options = {"backend": recorder, "fullgraph": True}
+    kwargs = dict(cfg_scale=2.0, top_k=20, generator=torch.Generator().manual_seed(3))
+    wrapper.generate(CLASSES, compile=options, **kwargs)
+    assert recorder.outputs == [[torch.int64]]  # one graph, whose only output is the next window's ids
+    wrapper.generate(CLASSES, compile=options, **kwargs)  # the second call reuses the compiled step
+    assert len(recorder.outputs) == 1 and len(wrapper._compiled_decode_steps) == 1
+
+
+@pytest.mark.parametrize("sampling", [
+    dict(greedy=True, draft="argmax"),
+    dict(top_k=20, top_p=0.9, temperature=0.8),
+    dict(greedy=True, draft="sample", cfg_interval=5),
+    dict(draft="argmax", cfg_interval=3),
+])
+def test_compiled_decode_step_samples_the_same_tokens(sampling):
+    """Same generator, same tokens: the race noise is drawn outside the compiled step."""
+    torch._dynamo.reset()
     options = {"backend": "aot_eager", "fullgraph": True}  # traces the whole step; no C++ toolchain needed
-    eager = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax")
-    compiled = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax", compile=options)
-    again = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax", compile=options)
-    assert torch.equal(eager, compiled) and torch.equal(eager, again)
-    assert len(wrapper._compiled_decode_steps) == 1
+    wrapper = wrapped(4)
+    for cfg_scale in (1.0, 2.0):
+        kwargs = dict(cfg_scale=cfg_scale, **sampling)
+        eager = wrapper.generate(CLASSES, generator=torch.Generator().manual_seed(7), **kwargs)
+        compiled = wrapper.generate(CLASSES, generator=torch.Generator().manual_seed(7), compile=options, **kwargs)
+        assert torch.equal(eager, compiled)
     model = tiny_llamagen()
-    assert torch.equal(sample_plain(model, CLASSES, greedy=True, compile=options),
-                       sample_plain(model, CLASSES, greedy=True))
+    plain = {k: v for k, v in sampling.items() if k != "draft"}
+    assert torch.equal(sample_plain(model, CLASSES, cfg_scale=2.0, compile=options, **plain,
+                                    generator=torch.Generator().manual_seed(1)),
+                       sample_plain(model, CLASSES, cfg_scale=2.0, **plain, generator=torch.Generator().manual_seed(1)))
+
+
+def test_one_compiled_step_serves_every_cfg_scale_temperature_and_top_p():
+    """Sampling values are inputs of the compiled step, not constants: a sweep compiles once."""
+    torch._dynamo.reset()
+    wrapper = wrapped(4)
+    recorder = GraphRecorder()
+    for cfg_scale, temperature, top_p in [(1.5, 1.0, 0.9), (2.0, 0.7, 0.8), (4.0, 1.3, 0.95)]:
+        kwargs = dict(cfg_scale=cfg_scale, temperature=temperature, top_p=top_p)
+        compiled = wrapper.generate(CLASSES, compile={"backend": recorder, "fullgraph": True},
+                                    generator=torch.Generator().manual_seed(2), **kwargs)
+        assert torch.equal(compiled, wrapper.generate(CLASSES, generator=torch.Generator().manual_seed(2), **kwargs))
+    assert len(recorder.outputs) == 1
+
+
+def test_many_compiled_models_in_one_process_all_stay_compiled():
+    """Dynamo caps recompiles per code object (then silently runs eagerly); each model's step has its own."""
+    torch._dynamo.reset()
+    recorder = GraphRecorder()
+    limit = torch._dynamo.config.recompile_limit
+    for seed in range(limit + 2):
+        wrapped(2, seed=seed).generate(CLASSES[:1], cfg_scale=2.0, greedy=True,
+                                       compile={"backend": recorder, "fullgraph": True})
+    assert len(recorder.outputs) == limit + 2
+
+
+def test_inductor_compiled_generation_matches_eager():
+    """The real compiler (inductor, as on GPUs without CUDA graphs) lowers the whole step."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on CPU needs a C compiler")
+    torch._dynamo.reset()
+    wrapper = wrapped(4)
+    kwargs = dict(cfg_scale=2.0, greedy=True, draft="argmax")
+    assert torch.equal(wrapper.generate(CLASSES, compile=True, **kwargs), wrapper.generate(CLASSES, **kwargs))
 
 
 def test_condition_mask_hides_padded_text_tokens_in_generation_and_training():

@@ -8,6 +8,8 @@ steps and `T` cache positions, as in plain next-token sampling, which is the `wi
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,9 +18,9 @@ from tqdm import tqdm  # plain text bar: tqdm.auto warns in notebooks without ip
 
 from .adapters import BackboneAdapter, find_adapter
 from .noise import PAD_ID
-from .sampling import check_sampling_args, guided_logits, sample_tokens
+from .sampling import check_sampling_args, guided_logits, race_noise, sample_tokens
 
-__all__ = ["GenerationOutput", "generate_windows", "sample_plain", "check_cond_mask"]
+__all__ = ["GenerationOutput", "WindowRule", "generate_windows", "sample_plain", "check_cond_mask"]
 
 DRAFT_MODES = ("sample", "argmax")
 
@@ -96,48 +98,84 @@ def generate_windows(
         mask_kwargs["cond_mask"] = check_cond_mask(cond_mask, adapter, batch, guided)
     rows, n_cond, k, device = cond_all.shape[0], adapter.num_cond_tokens, window, adapter.device
 
+    rule = WindowRule(guided=guided, mix=guided, greedy=greedy, draft=draft, top_k=top_k, nucleus=top_p < 1)
+    knobs = torch.tensor([cfg_scale, temperature, top_p], dtype=torch.float32, device=device)
+    unmixed = dataclasses.replace(rule, mix=False)  # after cfg_interval: conditional logits alone
+    noise_shape = rule.noise_shape(batch, k, adapter.vocab_size)
     positions = torch.arange(n_cond, n_cond + total, device=device)
     slots = torch.arange(k, device=device)
     tokens = torch.empty(batch, total, dtype=torch.long, device=device)
     history = torch.full((batch, total + k - 1, k), -1, dtype=torch.long, device=device) if return_history else None
     fed = None if use_cache else torch.full((rows, total, k), PAD_ID, dtype=torch.long, device=device)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
 
     if use_cache:
         adapter.setup_caches(rows, n_cond + total, **mask_kwargs)
-        decode_step = _decode_step(adapter, embed_window, window_logits, compile)
+    decode_steps = {}  # per rule, made on first use
     cond_emb = adapter.embed_condition(cond_all, train=False)
     current = None
     for step in tqdm(range(total), disable=not progress, desc="sampling", unit="tok", leave=False):
+        noise = None if noise_shape is None else race_noise(noise_shape, device, generator)
+        step_rule = rule if cfg_interval < 0 or step - 1 <= cfg_interval else unmixed
         if step == 0:  # prefill (a cached run keeps the condition mask in the cache's causal mask)
             pos = torch.arange(n_cond, device=device) if use_cache else None
-            logits = window_logits(adapter.forward_hidden(cond_emb, pos, **({} if use_cache else mask_kwargs))[:, -1])
+            hidden = adapter.forward_hidden(cond_emb, pos, **({} if use_cache else mask_kwargs))[:, -1]
+            current = step_rule.pick(window_logits(hidden), noise, knobs)
+        elif use_cache:  # one call: guidance batch, backbone, heads, guidance mix and sampling
+            if step_rule not in decode_steps:
+                decode_steps[step_rule] = _decode_step(adapter, embed_window, window_logits, step_rule, compile)
+            current = decode_steps[step_rule](current, positions[step - 1: step], noise, knobs)
         else:
-            fed_now = torch.cat([current, current]) if guided else current
-            if use_cache:
-                logits = decode_step(fed_now, positions[step - 1: step])
-            else:
-                fed[:, step - 1] = fed_now
-                sequence = torch.cat([cond_emb, embed_window(fed[:, :step])], dim=1)
-                logits = window_logits(adapter.forward_hidden(sequence, **mask_kwargs)[:, -1])
-        if guided:  # logits: [rows, k, V]
-            cond_logits, uncond_logits = logits.chunk(2)
-            keep_guidance = cfg_interval < 0 or step - 1 <= cfg_interval
-            logits = guided_logits(cond_logits, uncond_logits, cfg_scale) if keep_guidance else cond_logits
-
-        if draft == "sample" and not greedy:  # one draw for the whole window
-            current = sample_tokens(logits, **sampling)
-        else:
-            final = sample_tokens(logits[:, :1], **sampling)
-            drafts = (logits[:, 1:].argmax(dim=-1) if draft == "argmax"
-                      else sample_tokens(logits[:, 1:], **{**sampling, "greedy": False}))
-            current = torch.cat([final, drafts], dim=1)
-        if k > 1:
+            fed[:, step - 1] = torch.cat([current, current]) if guided else current
+            sequence = torch.cat([cond_emb, embed_window(fed[:, :step])], dim=1)
+            hidden = adapter.forward_hidden(sequence, **mask_kwargs)[:, -1]
+            current = step_rule.pick(window_logits(hidden), noise, knobs)
+        if k > 1 and step + k > total:  # slots past the last image token are padding
             current = current.masked_fill(step + slots >= total, PAD_ID)
         tokens[:, step] = current[:, 0]
         if history is not None:
             history[:, step + slots, k - 1 - slots] = current
     return GenerationOutput(tokens, None if history is None else history[:, :total])
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowRule:
+    """How one step turns window logits into the next window: guidance mix, then sampling per slot.
+
+    Holds only what changes the computation's structure; the values (cfg scale, temperature, top-p)
+    come in as a float32 tensor `knobs`, so a compiled step serves every value without recompiling.
+    `guided`: the logits hold the conditional rows then the null rows; `mix`: apply the cfg scale
+    (otherwise the conditional rows are used alone). Pure given its race noise, so the same rule
+    runs eagerly, compiled, or inside a CUDA graph and picks the same tokens.
+    """
+
+    guided: bool
+    mix: bool
+    greedy: bool
+    draft: str
+    top_k: int
+    nucleus: bool
+
+    def noise_shape(self, batch: int, k: int, vocab: int) -> tuple[int, int, int] | None:
+        """Shape of the race noise one step consumes (None when every slot is an argmax)."""
+        if self.greedy:
+            return (batch, k - 1, vocab) if self.draft == "sample" and k > 1 else None
+        return (batch, k if self.draft == "sample" else 1, vocab)
+
+    def pick(self, logits: torch.Tensor, noise: torch.Tensor | None, knobs: torch.Tensor) -> torch.Tensor:
+        """Window logits `[rows, k, V]` -> token ids `[batch, k]`; `knobs` = (cfg_scale, temperature, top_p)."""
+        if self.guided:
+            cond_logits, uncond_logits = logits.chunk(2)
+            logits = guided_logits(cond_logits, uncond_logits, knobs[0]) if self.mix else cond_logits
+        options = dict(temperature=knobs[1], top_k=self.top_k, top_p=knobs[2] if self.nucleus else 1.0)
+        if self.draft == "sample" and not self.greedy:  # one draw for the whole window
+            return sample_tokens(logits, noise=noise, **options)
+        final = (logits[:, :1].argmax(dim=-1) if self.greedy
+                 else sample_tokens(logits[:, :1], noise=noise, **options))
+        if logits.shape[1] == 1:
+            return final
+        drafts = (logits[:, 1:].argmax(dim=-1) if self.draft == "argmax"
+                  else sample_tokens(logits[:, 1:], noise=noise, **options))
+        return torch.cat([final, drafts], dim=1)
 
 
 def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: int, guided: bool) -> torch.Tensor:
@@ -152,26 +190,55 @@ def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: in
     return torch.cat([cond_mask, cond_mask]) if guided else cond_mask
 
 
-def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, compile: bool | dict[str, Any]):
-    """One cached decode step, windows `[N, k]` + position `[1]` -> logits `[N, k, V]` (compiled on request)."""
+def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: WindowRule,
+                 compile: bool | dict[str, Any]):
+    """The whole cached decode step, `(window [B, k], position [1], race noise, knobs) -> next window [B, k]`.
 
-    def step(windows: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return window_logits(adapter.forward_hidden(embed_window(windows[:, None]), input_pos)[:, -1])
+    It duplicates the window for the null condition, runs embedding, backbone and heads, mixes the
+    guidance and samples, so a compiled step (`fullgraph=True`; CUDA graphs by default on CUDA)
+    leaves the Python loop nothing but drawing the noise and storing the committed token.
+    """
+
+    def step(windows: torch.Tensor, input_pos: torch.Tensor, noise: torch.Tensor | None,
+             knobs: torch.Tensor) -> torch.Tensor:
+        fed = torch.cat([windows, windows]) if rule.guided else windows
+        hidden = adapter.forward_hidden(embed_window(fed[:, None]), input_pos)[:, -1]
+        return rule.pick(window_logits(hidden), noise, knobs)
 
     if not compile:
         return step
     options = dict(compile) if isinstance(compile, dict) else {}
     options.setdefault("fullgraph", True)
-    if adapter.device.type == "cuda" and "backend" not in options:
+    cuda_graphs = adapter.device.type == "cuda" and "backend" not in options
+    if cuda_graphs:
         options.setdefault("mode", "reduce-overhead")
-    # One compiled step per owner of the heads (the wrapper, or the adapter for plain sampling) and
-    # per options, kept on that owner: recompiling on every call would dominate the runtime.
+    # One compiled step per owner of the heads (the wrapper, or the adapter for plain sampling), per
+    # rule and per options, kept on that owner: recompiling on every call would dominate the runtime.
     owner = getattr(embed_window, "__self__", adapter)
     cache = owner.__dict__.setdefault("_compiled_decode_steps", {})
-    key = tuple(sorted(options.items()))
+    key = (rule, tuple(sorted(options.items())))
     if key not in cache:
-        cache[key] = torch.compile(step, **options)
+        cache[key] = _fresh_outputs(torch.compile(_own_code(step), **options))
     return cache[key]
+
+
+def _own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. Dynamo caps recompilations per code object (8 by default,
+    then runs eagerly without a word); every compiled step (one per model and rule) gets its own cap."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _fresh_outputs(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mark each call a new CUDA-graph step and copy its output out of the graph's memory, which the
+    next replay overwrites (the window is fed back as the next step's input)."""
+    mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+
+    def call(*args):
+        if mark_step is not None:
+            mark_step()
+        return compiled(*args).clone()
+
+    return call
 
 
 def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cfg_scale: float = 1.0,

@@ -2,14 +2,16 @@
 
 Sampling uses the exponential race (`argmax(p / E)`, `E ~ Exp(1)`), which draws exactly from the
 categorical distribution `p`, vectorises over any leading shape, honours a `torch.Generator`, and,
-unlike `torch.multinomial`, never waits on the GPU.
+unlike `torch.multinomial`, never waits on the GPU. The race noise can be drawn ahead
+(`race_noise`) and passed in, so a compiled or CUDA-graphed step samples exactly what the eager
+step samples from the same generator.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_sampling_args", "filter_logits", "sample_tokens", "guided_logits"]
+__all__ = ["check_sampling_args", "filter_logits", "sample_tokens", "guided_logits", "race_noise"]
 
 
 def check_sampling_args(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -30,13 +32,16 @@ def guided_logits(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, cfg_sc
     return uncond_logits + (cond_logits - uncond_logits) * cfg_scale
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Keep the `top_k` largest logits and the smallest nucleus of mass `top_p`; the rest become -inf."""
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Keep the `top_k` largest logits and the smallest nucleus of mass `top_p`; the rest become -inf.
+
+    `top_p` may be a 0-dim tensor (a compiled step's input); the nucleus is then always applied.
+    """
     if top_k > 0:
         top_k = min(top_k, logits.shape[-1])
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
@@ -46,12 +51,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token id per row of `logits` `[..., V]` -> `[...]` (int64)."""
+def race_noise(shape: tuple[int, ...], device: torch.device | str, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+    """Exp(1) noise, float32, for `sample_tokens(..., noise=)`; the same draws `sample_tokens` makes itself."""
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float | torch.Tensor = 1.0, top_k: int = 0,
+                  top_p: float | torch.Tensor = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one token id per row of `logits` `[..., V]` -> `[...]` (int64).
+
+    `noise` (from `race_noise`, shaped like `logits`) replaces the draw from `generator`;
+    `temperature` and `top_p` may be 0-dim float32 tensors (same result as the Python floats).
+    """
     if greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(dim=-1)
+    if noise is None:
+        noise = race_noise(probs.shape, probs.device, generator)
+    return (probs / noise).argmax(dim=-1)
