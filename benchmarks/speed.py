@@ -5,9 +5,11 @@ are what matter; absolute times depend on the machine (quoted in the output).
 
     python benchmarks/speed.py                       # CPU, tiny model (the issue-4 check: TensorAR <= 1.3x)
     python benchmarks/speed.py --device cuda --models GPT-B GPT-L GPT-XL --batch-sizes 1 32 --dtype bf16 \
-        --reference /path/to/LlamaGen --compile       # the GPU table of docs/benchmarks.md
+        --compile-ours --reference /path/to/LlamaGen --compile   # the GPU table of docs/benchmarks.md
 
-Random weights (the head is re-initialised so sampling is not uniform); cfg 2.0, top-k off.
+Random weights (the head is re-initialised so sampling is not uniform); cfg 2.0, top-k off. The JSON is
+rewritten after every row, so a run cut short keeps what it measured; `--append` merges into an existing
+file (one model per call on a machine with a per-command time limit). `benchmarks/plot_speed.py` draws it.
 """
 
 from __future__ import annotations
@@ -18,22 +20,39 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from tensorar_plugin import TensorARWrapper, sample_plain
-from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig, build_llamagen
+from tensorar_plugin.models.llamagen import LLAMAGEN_PRESETS, LlamaGen, LlamaGenConfig, build_llamagen
 
-TINY = dict(dim=256, n_layer=8, n_head=8, vocab_size=1024, block_size=256, num_classes=10, multiple_of=64)
+PRESETS = {
+    "tiny": dict(dim=256, n_layer=8, n_head=8, vocab_size=1024, block_size=256, num_classes=10, multiple_of=64),
+    "micro": dict(dim=32, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10, multiple_of=16),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+#: issue 8's targets: TensorAR vs LlamaGen compiled, TensorAR vs our plain sampler, plain vs the weight-read floor
+TARGETS = {"speedup_vs_llamagen_compiled": 3.0, "tensorar_over_plain": 1.10, "plain_over_floor": 2.5}
 
 
 def make_model(name: str, device: str, dtype: torch.dtype) -> LlamaGen:
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaGen(LlamaGenConfig(**TINY)) if name == "tiny" else build_llamagen(name)
+        model = LlamaGen(LlamaGenConfig(**PRESETS[name])) if name in PRESETS else build_llamagen(name)
     torch.nn.init.normal_(model.output.weight, std=0.02)
     return model.to(dtype).eval()
+
+
+def make_wrapper(model: LlamaGen, window: int) -> TensorARWrapper:
+    """TensorAR around `model` with non-zero new parts, so the benchmark measures their real work."""
+    wrapper = TensorARWrapper(model, window=window).eval()
+    torch.manual_seed(1)
+    for module in wrapper.new_modules().values():
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    return wrapper
 
 
 def sync(device: str) -> None:
@@ -45,7 +64,7 @@ def timed(fn, device: str, repeats: int) -> list[float]:
     """Seconds per call: wall clock on GPUs; on CPUs the process's CPU time, which other processes
     sharing the machine do not inflate (run with --threads 1 so it equals the work done)."""
     clock = time.perf_counter if device.startswith("cuda") else time.process_time
-    fn()  # warm-up (and compilation)
+    fn()  # warm-up (and compilation, and CUDA-graph recording)
     sync(device)
     times = []
     for _ in range(repeats):
@@ -65,92 +84,205 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n / best
 
 
-def main(argv: list[str] | None = None) -> int:
+def compile_options(args) -> dict | bool:
+    if not args.compile_ours:
+        return False
+    if args.compile_backend:
+        return {"backend": args.compile_backend}
+    return {"mode": args.compile_mode} if args.compile_mode else True
+
+
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny"], help="tiny or LlamaGen presets (GPT-B ...)")
+    parser.add_argument("--models", nargs="+", default=["tiny"],
+                        help=f"{' / '.join(PRESETS)} or LlamaGen presets (GPT-B GPT-L GPT-XL ...)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
     parser.add_argument("--window", type=int, default=4, help="TensorAR window k")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1 if not torch.cuda.is_available() else 0,
                         help="torch CPU threads (0 keeps torch's default); 1 makes CPU timings robust to load")
     parser.add_argument("--reference", help="path of a LlamaGen checkout: also time its own generate()")
     parser.add_argument("--compile", action="store_true", help="also time LlamaGen's compiled generate()")
     parser.add_argument("--compile-ours", action="store_true", help="compile our decode step (generate(compile=))")
-    parser.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode for --compile-ours")
+    parser.add_argument("--compile-mode", default="reduce-overhead",
+                        help="torch.compile mode for --compile-ours ('' for the default mode)")
+    parser.add_argument("--compile-backend", default="", help="torch.compile backend for --compile-ours "
+                        "(e.g. aot_eager, to check tracing without a compiler); overrides --compile-mode")
+    parser.add_argument("--check-dtype", default="fp64", choices=list(DTYPES),
+                        help="dtype of the fast-vs-eager token check (fp64: float noise cannot flip an argmax)")
+    parser.add_argument("--check-models", nargs="*", default=None,
+                        help="models to run the token check on (default: the first of --models; none: skip)")
     parser.add_argument("--json", default="benchmarks/results/speed.json", help="where to write the results")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into --json (rows of the same model and batch are replaced)")
     args = parser.parse_args(argv)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    unknown = [m for m in args.models if m not in PRESETS and m not in LLAMAGEN_PRESETS]
+    if unknown:
+        parser.error(f"--models: unknown model(s) {unknown}")
+    if args.check_models is None:
+        args.check_models = args.models[:1]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     bandwidth = copy_bandwidth(args.device)
-    rows = []
+    meta = {"device": device_name, "device_type": args.device, "torch": torch.__version__, "dtype": args.dtype,
+            "cfg_scale": args.cfg_scale, "window": args.window, "threads": torch.get_num_threads(),
+            "copy_bandwidth_GBps": bandwidth / 1e9, "python": sys.version.split()[0],
+            "compile_ours": compile_options(args),
+            "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
+    out = Path(args.json)
+    rows, checks = [], {}
+    if args.append and out.exists():
+        previous = json.loads(out.read_text())
+        rows, checks = previous.get("rows", []), previous.get("checks", {})
+        rows = [r for r in rows if r["model"] not in args.models]
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks,
+                                   "targets": evaluate_targets(rows, args.window)}, indent=2) + "\n")
+
     for name in args.models:
+        torch._dynamo.reset()  # fresh compile caches per model (LlamaGen's compiled path hits the recompile cap)
         model = make_model(name, args.device, dtype)
-        wrapper = TensorARWrapper(model, window=args.window).eval()
-        for module in wrapper.new_modules().values():  # non-zero heads: measure the real work
-            for p in module.parameters():
-                torch.nn.init.normal_(p, std=0.02)
+        wrapper = make_wrapper(model, args.window)
         tokens = model.block_size
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         floor = param_bytes / bandwidth * tokens
         for batch in args.batch_sizes:
             cond = torch.arange(batch, device=args.device) % model.num_classes
-            result = {"model": name, "batch": batch, "tokens": tokens, "floor_s": floor}
+            result = {"model": name, "batch": batch, "tokens": tokens, "floor_s": floor, "param_bytes": param_bytes}
             result.update(measure(args, model, wrapper, cond))
             rows.append(result)
             print_row(result, args.window)
+            save()
+        del model, wrapper
+        if name in args.check_models:
+            checks[name] = fast_path_check(args, name, min(args.batch_sizes))
+            print(f"fast path vs eager ({args.check_dtype}, batch {min(args.batch_sizes)}): {checks[name]}")
+            save()
 
-    meta = {"device": device_name, "device_type": args.device, "torch": torch.__version__, "dtype": args.dtype,
-            "cfg_scale": args.cfg_scale, "window": args.window, "threads": torch.get_num_threads(),
-            "copy_bandwidth_GBps": bandwidth / 1e9, "python": sys.version.split()[0]}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print_targets(evaluate_targets(rows, args.window))
     print(f"\ndevice: {device_name} ({args.device}), torch {torch.__version__}, {args.dtype}; wrote {out}")
     return 0
 
 
-def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor) -> dict[str, float]:
-    """Median seconds per batch of every sampler, run one after the other on the same model."""
+def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor) -> dict:
+    """Median seconds per batch of every sampler, run one after the other on the same model.
+
+    A sampler that fails is reported under `errors` and the others still run."""
     gen = torch.Generator(device=args.device)
-    compile_opts = {"mode": args.compile_mode} if args.compile_ours else False
+    compiled = compile_options(args)
     runs = {
         "plain": lambda: sample_plain(model, cond, cfg_scale=args.cfg_scale, generator=gen.manual_seed(0),
-                                      compile=compile_opts),
+                                      compile=compiled),
         f"tensorar_k{args.window}": lambda: wrapper.generate(cond, cfg_scale=args.cfg_scale,
-                                                             generator=gen.manual_seed(0), compile=compile_opts),
+                                                             generator=gen.manual_seed(0), compile=compiled),
     }
     if args.reference:
         runs.update(reference_runs(args, model, cond))
-    result = {}
+    result: dict = {"errors": {}}
     for label, fn in runs.items():
-        with torch.inference_mode():
-            result[label] = statistics.median(timed(fn, args.device, args.repeats))
-    if compile_opts:  # the fast path must not change a single token (greedy decoding, argmax drafts)
-        greedy = dict(cfg_scale=args.cfg_scale, greedy=True, draft="argmax")
-        with torch.inference_mode():
-            result["fast_path_tokens_equal"] = float(torch.equal(wrapper.generate(cond, compile=compile_opts, **greedy),
-                                                                 wrapper.generate(cond, **greedy)))
+        try:
+            with torch.inference_mode():
+                result[label] = statistics.median(timed(fn, args.device, args.repeats))
+        except Exception as error:  # noqa: BLE001 - report it in the table and go on with the other samplers
+            traceback.print_exc()
+            result["errors"][label] = f"{type(error).__name__}: {error}"[:500]
     return result
+
+
+def fast_path_check(args, name: str, batch: int) -> dict:
+    """Does the fast (compiled) path pick exactly the eager path's tokens? Greedy plain, greedy TensorAR
+    (argmax drafts) and sampled TensorAR from the same generator, run in `--check-dtype`."""
+    if not compile_options(args):
+        return {"skipped": "needs --compile-ours"}
+    model = make_model(name, args.device, DTYPES[args.check_dtype])
+    wrapper = make_wrapper(model, args.window)
+    cond = torch.arange(batch, device=args.device) % model.num_classes
+    compiled = compile_options(args)
+
+    def seeded():
+        return torch.Generator(device=args.device).manual_seed(0)
+
+    cases = {
+        "plain_greedy": lambda **kw: sample_plain(model, cond, cfg_scale=args.cfg_scale, greedy=True, **kw),
+        "tensorar_greedy": lambda **kw: wrapper.generate(cond, cfg_scale=args.cfg_scale, greedy=True,
+                                                         draft="argmax", **kw),
+        "tensorar_sampled": lambda **kw: wrapper.generate(cond, cfg_scale=args.cfg_scale, generator=seeded(), **kw),
+    }
+    report = {}
+    with torch.inference_mode():
+        for label, run in cases.items():
+            try:
+                fast, eager = run(compile=compiled), run()
+                same = fast == eager
+                report[label] = {"tokens_equal": bool(same.all()), "fraction_equal": same.float().mean().item()}
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                report[label] = {"error": f"{type(error).__name__}: {error}"[:500]}
+    return report
+
+
+def evaluate_targets(rows: list[dict], window: int) -> list[dict]:
+    """Each target of issue 8 that the rows can speak to, with the measured value and PASS/FAIL."""
+    key, verdicts = f"tensorar_k{window}", []
+    for row in rows:
+        ours, plain = row.get(key), row.get("plain")
+        where = f"{row['model']} batch {row['batch']}"
+        reference = row.get("llamagen_compiled")
+        if ours and reference and row["model"] in ("GPT-B", "GPT-L"):
+            value = reference / ours
+            verdicts.append({"target": f"TensorAR >= 3x faster than LlamaGen compiled ({where})",
+                             "value": value, "pass": value >= TARGETS["speedup_vs_llamagen_compiled"]})
+        if ours and plain:
+            value = ours / plain
+            verdicts.append({"target": f"TensorAR <= 1.10x our plain sampler ({where})",
+                             "value": value, "pass": value <= TARGETS["tensorar_over_plain"]})
+        if plain and row["model"] == "GPT-L" and row["batch"] == 1:
+            value = plain / row["floor_s"]
+            verdicts.append({"target": f"plain <= 2.5x the weight-read floor ({where})",
+                             "value": value, "pass": value <= TARGETS["plain_over_floor"]})
+    return verdicts
 
 
 def print_row(row: dict, window: int) -> None:
     key = f"tensorar_k{window}"
     if not getattr(print_row, "header", False):
-        print(f"{'model':8} {'batch':>5} {'plain ms':>10} {'tensorar ms':>12} {'ratio':>6} {'tok/s plain':>12} "
-              f"{'floor ms':>9} {'plain/floor':>11}  others")
+        print(f"{'model':8} {'batch':>5} {'plain ms':>10} {'tensorar ms':>12} {'ratio':>6} {'tok/s tensorar':>15} "
+              f"{'floor ms':>9} {'plain/floor':>11}  LlamaGen")
         print_row.header = True
-    plain, tar = row["plain"], row[key]
-    others = "  ".join(f"{k}={v * 1e3:.1f}ms (x{v / tar:.2f} of tensorar)" for k, v in row.items()
-                       if k.startswith("llamagen"))
-    print(f"{row['model']:8} {row['batch']:>5} {plain * 1e3:>10.1f} {tar * 1e3:>12.1f} {tar / plain:>6.2f} "
-          f"{row['batch'] * row['tokens'] / plain:>12.0f} {row['floor_s'] * 1e3:>9.1f} "
-          f"{plain / row['floor_s']:>11.2f}  {others}")
+    plain, tar = row.get("plain"), row.get(key)
+
+    def ms(value):
+        return f"{value * 1e3:.1f}" if value else "failed"
+
+    ratio = f"{tar / plain:.2f}" if plain and tar else "-"
+    per_second = f"{row['batch'] * row['tokens'] / tar:.0f}" if tar else "-"
+    over_floor = f"{plain / row['floor_s']:.2f}" if plain else "-"
+    others = "  ".join(f"{k[9:]}={v * 1e3:.1f}ms (x{v / tar:.2f} of tensorar)" for k, v in row.items()
+                       if k.startswith("llamagen_") and tar)
+    print(f"{row['model']:8} {row['batch']:>5} {ms(plain):>10} {ms(tar):>12} {ratio:>6} {per_second:>15} "
+          f"{row['floor_s'] * 1e3:>9.1f} {over_floor:>11}  {others}")
+    for label, error in row.get("errors", {}).items():
+        print(f"         {label} failed: {error.splitlines()[0][:160]}")
+
+
+def print_targets(verdicts: list[dict]) -> None:
+    if verdicts:
+        print("\ntargets:")
+    for verdict in verdicts:
+        print(f"  {'PASS' if verdict['pass'] else 'FAIL'}  {verdict['target']}: {verdict['value']:.2f}")
 
 
 def reference_runs(args, model: LlamaGen, cond: torch.Tensor) -> dict:
@@ -167,7 +299,7 @@ def reference_runs(args, model: LlamaGen, cond: torch.Tensor) -> dict:
     runs = {"llamagen_eager": lambda: ref_generate.generate(ref, cond, steps, cfg_scale=args.cfg_scale)}
     if args.compile:
         eager = ref_generate.decode_one_token
-        compiled = torch.compile(eager, mode="reduce-overhead", fullgraph=True)
+        compiled = torch.compile(eager, mode="reduce-overhead", fullgraph=True)  # as LlamaGen's sample_c2i.py
 
         def run_compiled():
             ref_generate.decode_one_token = compiled  # generate() looks the step function up by name

@@ -88,6 +88,17 @@ def test_fresh_wrapper_generates_exactly_what_the_base_generates():
         assert torch.equal(fresh.generate(CLASSES, cfg_scale=2.0, greedy=True, draft=draft), plain)
 
 
+def test_sampling_logits_are_window_logits_with_one_head_call():
+    wrapper = wrapped(4)
+    hidden = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = wrapper.base_model.output.register_forward_hook(lambda *args: calls.append(1))
+    fused = wrapper.sampling_logits(hidden)
+    handle.remove()
+    assert len(calls) == 1 and fused.shape == (3, 5, 4, 64) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, wrapper.window_logits(hidden), rtol=1e-5, atol=1e-5)
+
+
 def test_history_shape_order_and_final_entries():
     wrapper = wrapped(4)
     out = wrapper.generate(CLASSES, greedy=True, draft="argmax", return_history=True)
@@ -303,6 +314,36 @@ def test_many_compiled_models_in_one_process_all_stay_compiled():
         wrapped(2, seed=seed).generate(CLASSES[:1], cfg_scale=2.0, greedy=True,
                                        compile={"backend": recorder, "fullgraph": True})
     assert len(recorder.outputs) == limit + 2
+
+
+def test_repeated_plain_sampling_compiles_once_and_reuses_its_cache():
+    torch._dynamo.reset()
+    model, recorder = tiny_llamagen(), GraphRecorder()
+    for seed in range(3):
+        sample_plain(model, CLASSES, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed),
+                     compile={"backend": recorder, "fullgraph": True})
+    assert len(recorder.outputs) == 1
+    cache = model.layers[0].attention.kv_cache.k_cache
+    sample_plain(model, CLASSES, cfg_scale=2.0)
+    assert model.layers[0].attention.kv_cache.k_cache is cache  # static caches kept between calls
+
+
+def test_copies_of_a_compiled_wrapper_compile_their_own_step():
+    """A deep copy (an EMA model) must not reuse steps traced from the original; pickling works."""
+    import copy
+    import io
+
+    torch._dynamo.reset()
+    options = {"backend": "aot_eager", "fullgraph": True}
+    kwargs = dict(cfg_scale=2.0, greedy=True, draft="argmax")
+    original = wrapped(4)
+    original.generate(CLASSES, compile=options, **kwargs)
+    twin = perturb_heads_(copy.deepcopy(original), seed=5)
+    assert len(twin._compiled_decode_steps) == 0
+    assert torch.equal(twin.generate(CLASSES, compile=options, **kwargs), twin.generate(CLASSES, **kwargs))
+    assert not torch.equal(twin.generate(CLASSES, **kwargs), original.generate(CLASSES, **kwargs))
+    sample_plain(original.base_model, CLASSES, compile=options)
+    torch.save(original, io.BytesIO())  # whole-module pickling still works after compiling
 
 
 def test_inductor_compiled_generation_matches_eager():

@@ -215,11 +215,19 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: Wi
     # One compiled step per owner of the heads (the wrapper, or the adapter for plain sampling), per
     # rule and per options, kept on that owner: recompiling on every call would dominate the runtime.
     owner = getattr(embed_window, "__self__", adapter)
-    cache = owner.__dict__.setdefault("_compiled_decode_steps", {})
+    cache = owner.__dict__.setdefault("_compiled_decode_steps", CompiledSteps())
     key = (rule, tuple(sorted(options.items())))
     if key not in cache:
         cache[key] = _fresh_outputs(torch.compile(_own_code(step), **options))
     return cache[key]
+
+
+class CompiledSteps(dict):
+    """Compiled decode steps of one owner. Copies and pickles start empty: a compiled step closes over
+    the model it was traced from, so a deep copy (an EMA model, say) must compile its own."""
+
+    def __reduce__(self):
+        return (type(self), ())
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -241,6 +249,17 @@ def _fresh_outputs(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch
     return call
 
 
+def _plain_adapter(model) -> BackboneAdapter:
+    """The adapter `sample_plain` uses for `model`, kept on the model so its KV caches and compiled
+    decode steps live as long as the model instead of being rebuilt on every call."""
+    if isinstance(model, BackboneAdapter):
+        return model
+    adapter = model.__dict__.get("_tensorar_plain_adapter")
+    if adapter is None:
+        adapter = model.__dict__["_tensorar_plain_adapter"] = find_adapter(model)
+    return adapter
+
+
 def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cfg_scale: float = 1.0,
                  cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, generator: torch.Generator | None = None, use_cache: bool = True,
@@ -251,7 +270,7 @@ def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cf
     `model` is any model an adapter accepts (or a `BackboneAdapter`). Guidance, temperature, top-k
     and top-p follow LlamaGen; `cfg_scale == 1` runs no null batch.
     """
-    adapter = find_adapter(model)
+    adapter = _plain_adapter(model)
     module = adapter.model
     was_training = module.training
     module.eval()

@@ -1,0 +1,89 @@
+"""Draw `benchmarks/speed.py`'s JSON: a bar chart (ms per batch, log scale) and a markdown table.
+
+    python benchmarks/plot_speed.py benchmarks/results/speed_h100.json --out docs/img/speed.png
+
+Needs matplotlib (the `bench` extra). The table goes to stdout, ready for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+#: (JSON key, legend label) of the samplers, in the order they are drawn
+SAMPLERS = [("llamagen_eager", "LlamaGen generate() eager"), ("llamagen_compiled", "LlamaGen generate() compiled"),
+            ("plain", "ours, plain"), ("tensorar", "ours, TensorAR")]
+
+
+def sampler_times(row: dict, window: int) -> dict[str, float]:
+    """Seconds per batch for every sampler the row measured (TensorAR under the key "tensorar")."""
+    times = {key: row[key] for key, _ in SAMPLERS if isinstance(row.get(key), (int, float))}
+    if isinstance(row.get(f"tensorar_k{window}"), (int, float)):
+        times["tensorar"] = row[f"tensorar_k{window}"]
+    return times
+
+
+def markdown_table(data: dict) -> str:
+    window = data["meta"]["window"]
+    lines = ["| model | batch | LlamaGen eager (ms) | LlamaGen compiled (ms) | ours plain (ms) | "
+             f"TensorAR k={window} (ms) | TensorAR tok/s | floor (ms) | LlamaGen compiled / TensorAR | "
+             "TensorAR / plain | plain / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        t = sampler_times(row, window)
+
+        def ms(key, t=t):
+            return f"{t[key] * 1e3:.1f}" if key in t else "-"
+
+        def ratio(a, b, t=t):
+            return f"{t[a] / t[b]:.2f}x" if a in t and b in t else "-"
+
+        per_second = f"{row['batch'] * row['tokens'] / t['tensorar']:.0f}" if "tensorar" in t else "-"
+        over_floor = f"{t['plain'] / row['floor_s']:.2f}x" if "plain" in t else "-"
+        lines.append(f"| {row['model']} | {row['batch']} | {ms('llamagen_eager')} | {ms('llamagen_compiled')} | "
+                     f"{ms('plain')} | {ms('tensorar')} | {per_second} | {row['floor_s'] * 1e3:.1f} | "
+                     f"{ratio('llamagen_compiled', 'tensorar')} | {ratio('tensorar', 'plain')} | {over_floor} |")
+    return "\n".join(lines)
+
+
+def plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window, rows = data["meta"]["window"], data["rows"]
+    width = 0.8 / len(SAMPLERS)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows)), 4.0))
+    for i, (key, label) in enumerate(SAMPLERS):
+        xs = [j + (i - (len(SAMPLERS) - 1) / 2) * width for j in range(len(rows))]
+        ys = [sampler_times(row, window).get(key, float("nan")) * 1e3 for row in rows]
+        ax.bar(xs, ys, width, label=label if key != "tensorar" else f"ours, TensorAR k={window}")
+    ax.scatter(range(len(rows)), [row["floor_s"] * 1e3 for row in rows], marker="_", s=600, color="black",
+               label="weight-read floor", zorder=3)
+    ax.set_xticks(range(len(rows)), [f"{row['model']}\nbatch {row['batch']}" for row in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per batch of 256-token images")
+    meta = data["meta"]
+    ax.set_title(f"sampling time, cfg {meta['cfg_scale']}, {meta['dtype']}, {meta['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, help="a file written by benchmarks/speed.py")
+    parser.add_argument("--out", type=Path, default=Path("docs/img/speed.png"))
+    args = parser.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    print(markdown_table(data))
+    plot(data, args.out)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
