@@ -219,3 +219,25 @@ def test_config_dict_round_trip():
 def test_decode_without_cache_is_a_clear_error(tiny_c2i):
     with pytest.raises(ValueError, match="setup_caches"):
         tiny_c2i(torch.tensor([[1]]), None, input_pos=torch.tensor([1]))
+
+
+def test_decode_with_a_shorter_mask_reads_only_that_many_cached_keys(monkeypatch):
+    """The bounded read sampling uses: same hidden states, fewer keys handed to attention (GQA too)."""
+    from tensorar_plugin.adapters import LlamaGenAdapter
+    from tensorar_plugin.models import llamagen as module
+
+    model = tiny_llamagen(n_kv_head=2)
+    adapter = LlamaGenAdapter(model)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    emb = torch.cat([adapter.embed_condition(torch.tensor([1, 2]), train=False), adapter.embed_tokens(tokens)], 1)
+    adapter.setup_caches(2, 17)  # cache of 24 slots
+    adapter.forward_hidden(emb[:, :12], torch.arange(12))
+    step = emb[:, 12:13]
+    full = adapter.forward_hidden(step, torch.tensor([12]))
+    seen = []
+    real_sdpa = module.F.scaled_dot_product_attention
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(k.shape[2]) or real_sdpa(q, k, v, **kw))
+    bounded = adapter.forward_hidden(step, torch.tensor([12]), kv_len=16)
+    assert seen == [16, 16]  # both layers
+    torch.testing.assert_close(bounded, full, rtol=1e-6, atol=1e-6)

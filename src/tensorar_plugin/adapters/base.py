@@ -102,6 +102,11 @@ class BackboneAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no null condition: classifier-free guidance "
                                   "needs a model trained with condition dropout")
 
+    #: True when cached `forward_hidden` calls accept `kv_len`: attend to (and read) only the first
+    #: `kv_len` cache entries, all of them at or before the new positions. Sampling passes it in buckets
+    #: so a decode step reads the filled part of the KV cache, not the whole static cache.
+    supports_kv_len: bool = False
+
     @abstractmethod
     def forward_hidden(self, embeddings: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Run the blocks on `[B, L, hidden_size]` embeddings; return the hidden states before the final norm.

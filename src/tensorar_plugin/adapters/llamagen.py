@@ -103,8 +103,12 @@ class LlamaGenAdapter(BackboneAdapter):
         mask[:, :, :n_cond] &= cond_mask.bool()[:, None, :]
         return mask | torch.eye(length, dtype=torch.bool, device=cond_mask.device)
 
+    @property
+    def supports_kv_len(self) -> bool:  # our attention reads as many keys as the mask is long
+        return self._uses_our_cache()
+
     def forward_hidden(self, embeddings: torch.Tensor, input_pos: torch.Tensor | None = None,
-                       cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       cond_mask: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         model = self.model
         if input_pos is None and not self._uses_our_cache() and model.layers[0].attention.kv_cache is not None:
             self.clear_caches()  # the reference attention would write a cached forward into its cache
@@ -119,6 +123,8 @@ class LlamaGenAdapter(BackboneAdapter):
                 mask = self._masked_causal(h.shape[1], cond_mask)[:, None]
         else:
             freqs, mask = freqs[input_pos], model.causal_mask[: h.shape[0], None, input_pos]
+            if kv_len is not None and self.supports_kv_len:
+                mask = mask[..., :kv_len]
         for layer in model.layers:
             h = layer(h, freqs, input_pos, mask)
         return h

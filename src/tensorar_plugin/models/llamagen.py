@@ -238,6 +238,8 @@ class Attention(nn.Module):
 
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if mask is not None:  # read only as many keys as the mask covers (sampling passes shorter masks)
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
