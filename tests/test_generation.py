@@ -266,9 +266,12 @@ class GraphRecorder:
     """A torch.compile backend that runs graphs eagerly and records each one's tensor-output dtypes."""
 
     def __init__(self):
-        self.outputs = []
+        self.outputs, self.symbolic_inputs = [], []
 
     def __call__(self, gm, example_inputs):
+        self.symbolic_inputs.append(any(isinstance(t, torch.Tensor) and any(isinstance(d, torch.SymInt)
+                                                                             for d in t.shape)
+                                        for t in example_inputs))
         out_node = next(node for node in gm.graph.nodes if node.op == "output")
         values = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
         examples = [v.meta.get("example_value") for v in values if hasattr(v, "meta")]
@@ -288,6 +291,9 @@ def test_compiled_decode_step_is_one_graph_from_window_to_sampled_window():
     assert recorder.outputs == [[torch.int64]]  # one graph, whose only output is the next window's ids
     wrapper.generate(CLASSES, compile=options, **kwargs)  # the second call reuses the compiled step
     assert len(recorder.outputs) == 1 and len(wrapper._compiled_decode_steps) == 1
+    wrapper.generate(CLASSES[:2], compile=options, **kwargs)  # another batch size: its own static-shape step
+    assert len(recorder.outputs) == 2 and len(wrapper._compiled_decode_steps) == 2
+    assert recorder.symbolic_inputs == [False, False]
 
 
 @pytest.mark.parametrize("sampling", [

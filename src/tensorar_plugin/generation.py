@@ -132,7 +132,8 @@ def generate_windows(
             current = step_rule.pick(window_logits(hidden), noise, knobs)
         elif use_cache:  # one call: guidance batch, backbone, heads, guidance mix and sampling
             if step_rule not in decode_steps:
-                decode_steps[step_rule] = _decode_step(adapter, embed_window, window_logits, step_rule, compile)
+                decode_steps[step_rule] = _decode_step(adapter, embed_window, window_logits, step_rule, compile,
+                                                       batch)
             kv_len = min(_round_up(n_cond + step, KV_BUCKET), key_limit) if bounded else None
             current = decode_steps[step_rule](current, positions[step - 1: step], noise, knobs, kv_len)
         else:
@@ -202,7 +203,7 @@ def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: in
 
 
 def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: WindowRule,
-                 compile: bool | dict[str, Any]):
+                 compile: bool | dict[str, Any], batch: int):
     """The whole cached decode step, `(window [B, k], position [1], race noise, knobs, kv_len) -> next window`.
 
     It duplicates the window for the null condition, runs embedding, backbone and heads, mixes the
@@ -225,10 +226,12 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: Wi
     if cuda_graphs:
         options.setdefault("mode", "reduce-overhead")
     # One compiled step per owner of the heads (the wrapper, or the adapter for plain sampling), per
-    # rule and per options, kept on that owner: recompiling on every call would dominate the runtime.
+    # rule, batch size and options, kept on that owner: recompiling on every call would dominate the
+    # runtime, and a step that has seen two batch sizes would be recompiled with a symbolic batch
+    # (generic kernels, measurably slower); only the key length is left dynamic.
     owner = getattr(embed_window, "__self__", adapter)
     cache = owner.__dict__.setdefault("_compiled_decode_steps", CompiledSteps())
-    key = (rule, tuple(sorted(options.items())))
+    key = (rule, batch, tuple(sorted(options.items())))
     if key not in cache:
         cache[key] = _fresh_outputs(torch.compile(_own_code(step), **options))
     return cache[key]
