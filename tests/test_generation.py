@@ -160,7 +160,7 @@ def test_decode_steps_read_the_filled_cache_in_buckets_and_match_full_reads():
     compiled = wrapper.generate(CLASSES[:2], cfg_scale=2.0, top_k=10, generator=torch.Generator().manual_seed(0),
                                 compile={"backend": recorder, "fullgraph": True})
     assert torch.equal(compiled, cached)
-    assert len(recorder.outputs) == 2  # the first key length, then one graph for every other length
+    assert recorder.symbolic_inputs == [False, True]  # the first key length, then one graph for all others
 
 
 def test_static_caches_are_reused_between_calls():
@@ -263,15 +263,16 @@ def test_adapter_is_shared_with_plain_sampler():
 
 
 class GraphRecorder:
-    """A torch.compile backend that runs graphs eagerly and records each one's tensor-output dtypes."""
+    """A torch.compile backend that runs graphs eagerly; records each one's tensor-output dtypes and whether
+    it was traced with symbolic sizes."""
 
     def __init__(self):
         self.outputs, self.symbolic_inputs = [], []
 
     def __call__(self, gm, example_inputs):
-        self.symbolic_inputs.append(any(isinstance(t, torch.Tensor) and any(isinstance(d, torch.SymInt)
-                                                                             for d in t.shape)
-                                        for t in example_inputs))
+        inputs = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        self.symbolic_inputs.append(any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in v.shape)) for v in inputs))  # traced with a symbolic size
         out_node = next(node for node in gm.graph.nodes if node.op == "output")
         values = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
         examples = [v.meta.get("example_value") for v in values if hasattr(v, "meta")]

@@ -9,6 +9,7 @@ steps and `T` cache positions, as in plain next-token sampling, which is the `wi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ DRAFT_MODES = ("sample", "argmax")
 #: decode steps attend to the filled KV cache rounded up to this many positions (adapters with `supports_kv_len`):
 #: a 256-token image reads ~60% of the static cache on average, and a compiled step sees 5 key lengths
 KV_BUCKET = 64
+_STEP_IDS = itertools.count()  # names the code of each compiled decode step apart (see `_own_code`)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -246,10 +248,12 @@ class CompiledSteps(dict):
 
 
 def _own_code(fn: Callable) -> Callable:
-    """`fn` with a code object of its own. Dynamo caps recompilations per code object (8 by default;
-    past it, a hard error under `fullgraph=True`, eager code otherwise); each compiled step (one per
-    model and rule) gets its own cap."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    """`fn` with a code object, and a name, of its own. Dynamo caps recompilations per code object (8 by
+    default; past it, a hard error under `fullgraph=True`, eager code otherwise), and it remembers the
+    shapes a function has seen by file, line and name: a second batch size would make the next step's
+    batch symbolic. Each compiled step (one per model, rule and batch size) starts afresh."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_STEP_IDS)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _fresh_outputs(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
