@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from tensorar_plugin import TensorARWrapper, sample_plain
+from tensorar_plugin.generation import _own_code
 from tensorar_plugin.models.llamagen import LLAMAGEN_PRESETS, LlamaGen, LlamaGenConfig, build_llamagen
 
 PRESETS = {
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "cfg_scale": args.cfg_scale, "window": args.window, "threads": torch.get_num_threads(),
             "copy_bandwidth_GBps": bandwidth / 1e9, "python": sys.version.split()[0],
             "compile_ours": compile_options(args),
-            "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
+            "command": shlex.join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
     out = Path(args.json)
     rows, checks = [], {}
     if args.append and out.exists():
@@ -299,7 +301,9 @@ def reference_runs(args, model: LlamaGen, cond: torch.Tensor) -> dict:
     runs = {"llamagen_eager": lambda: ref_generate.generate(ref, cond, steps, cfg_scale=args.cfg_scale)}
     if args.compile:
         eager = ref_generate.decode_one_token
-        compiled = torch.compile(eager, mode="reduce-overhead", fullgraph=True)  # as LlamaGen's sample_c2i.py
+        # as LlamaGen's sample_c2i.py; a fresh code copy per model and batch size, as our steps get, so
+        # neither side runs a graph recompiled with a symbolic batch (or hits the recompile cap)
+        compiled = torch.compile(_own_code(eager), mode="reduce-overhead", fullgraph=True)
 
         def run_compiled():
             ref_generate.decode_one_token = compiled  # generate() looks the step function up by name
