@@ -18,6 +18,20 @@ import sys
 import torch
 
 
+def paired_models(ref_gpt, fields: dict, seed: int):
+    """LlamaGen's `Transformer` with random weights (std 0.3) and our `LlamaGen` holding the same state dict."""
+    from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig
+
+    torch.manual_seed(seed)
+    ref = ref_gpt.Transformer(ref_gpt.ModelArgs(**fields)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    ours = LlamaGen(LlamaGenConfig(**fields)).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "kv_cache" not in k}, strict=True)
+    return ref, ours
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", required=True, help="path of a LlamaGen checkout")
@@ -28,20 +42,12 @@ def main() -> int:
 
     from tensorar_plugin import TensorARWrapper
     from tensorar_plugin.generation import sample_plain
-    from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig
 
     failures = 0
     for model_type, cls_tokens in (("c2i", 1), ("t2i", 120)):
         fields = dict(dim=64, n_layer=2, n_head=4, vocab_size=128, block_size=16, num_classes=10,
                       cls_token_num=cls_tokens, model_type=model_type, caption_dim=32, multiple_of=32)
-        torch.manual_seed(0)
-        ref = ref_gpt.Transformer(ref_gpt.ModelArgs(**fields)).eval()
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.normal_(0, 0.3)
-        ours = LlamaGen(LlamaGenConfig(**fields)).eval()
-        state = {k: v for k, v in ref.state_dict().items() if "kv_cache" not in k}
-        ours.load_state_dict(state, strict=True)
+        ref, ours = paired_models(ref_gpt, fields, seed=0)
 
         tokens = torch.randint(0, 128, (2, 16))
         cond = torch.tensor([1, 7]) if model_type == "c2i" else torch.randn(2, 120, 32)
@@ -97,13 +103,7 @@ def main() -> int:
 
     # a full 16x16 image: our sampler reads the KV cache in buckets of 64 keys, LlamaGen reads all of it
     fields = dict(dim=64, n_layer=2, n_head=4, vocab_size=128, block_size=256, num_classes=10, multiple_of=32)
-    torch.manual_seed(1)
-    ref = ref_gpt.Transformer(ref_gpt.ModelArgs(**fields)).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.3)
-    ours = LlamaGen(LlamaGenConfig(**fields)).eval()
-    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "kv_cache" not in k}, strict=True)
+    ref, ours = paired_models(ref_gpt, fields, seed=1)
     cond = torch.tensor([1, 7, 3])
     with torch.no_grad():
         ref_tokens = ref_generate.generate(ref, cond, 256, cfg_scale=2.0, sample_logits=False)

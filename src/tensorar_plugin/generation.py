@@ -224,8 +224,7 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: Wi
         return step
     options = dict(compile) if isinstance(compile, dict) else {}
     options.setdefault("fullgraph", True)
-    cuda_graphs = adapter.device.type == "cuda" and "backend" not in options
-    if cuda_graphs:
+    if adapter.device.type == "cuda" and "backend" not in options:
         options.setdefault("mode", "reduce-overhead")
     # One compiled step per owner of the heads (the wrapper, or the adapter for plain sampling), per
     # rule, batch size and options, kept on that owner: recompiling on every call would dominate the
