@@ -18,6 +18,10 @@ def test_query_block_is_a_timm_vit_block_that_can_skip_rows():
     torch.testing.assert_close(ours(x), full)
     torch.testing.assert_close(ours(x, slice(0, 1)), full[:, :1])
     torch.testing.assert_close(ours(x, slice(2, None)), full[:, 2:])
+    calls = []
+    ours.attn.qkv.register_forward_hook(lambda *args: calls.append(1))
+    ours(x, slice(0, 1))
+    assert calls == [1]  # one qkv matmul (one kernel per sampling step), whichever rows are asked for
 
 
 @pytest.mark.parametrize("depth", [1, 2])
