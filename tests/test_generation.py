@@ -160,7 +160,7 @@ def test_decode_steps_read_the_filled_cache_in_buckets_and_match_full_reads():
     compiled = wrapper.generate(CLASSES[:2], cfg_scale=2.0, top_k=10, generator=torch.Generator().manual_seed(0),
                                 compile={"backend": recorder, "fullgraph": True})
     assert torch.equal(compiled, cached)
-    assert recorder.symbolic_inputs == [False, True]  # the first key length, then one graph for all others
+    assert recorder.dynamic == [True]  # one graph, traced with a symbolic key length, for all lengths
 
 
 def test_static_caches_are_reused_between_calls():
@@ -263,16 +263,18 @@ def test_adapter_is_shared_with_plain_sampler():
 
 
 class GraphRecorder:
-    """A torch.compile backend that runs graphs eagerly; records each one's tensor-output dtypes and whether
-    it was traced with symbolic sizes."""
+    """A torch.compile backend that runs graphs eagerly; records each one's tensor-output dtypes, the shapes
+    of its tensor inputs traced with symbolic sizes, and whether it was traced with any symbolic size."""
 
     def __init__(self):
-        self.outputs, self.symbolic_inputs = [], []
+        self.outputs, self.symbolic_shapes, self.dynamic = [], [], []
 
     def __call__(self, gm, example_inputs):
         inputs = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
-        self.symbolic_inputs.append(any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
-            isinstance(d, torch.SymInt) for d in v.shape)) for v in inputs))  # traced with a symbolic size
+        self.symbolic_shapes.append([tuple("s" if isinstance(d, torch.SymInt) else d for d in v.shape)
+                                     for v in inputs if isinstance(v, torch.Tensor)
+                                     and any(isinstance(d, torch.SymInt) for d in v.shape)])
+        self.dynamic.append(bool(self.symbolic_shapes[-1]) or any(isinstance(v, torch.SymInt) for v in inputs))
         out_node = next(node for node in gm.graph.nodes if node.op == "output")
         values = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
         examples = [v.meta.get("example_value") for v in values if hasattr(v, "meta")]
@@ -294,7 +296,7 @@ def test_compiled_decode_step_is_one_graph_from_window_to_sampled_window():
     assert len(recorder.outputs) == 1 and len(wrapper._compiled_decode_steps) == 1
     wrapper.generate(CLASSES[:2], compile=options, **kwargs)  # another batch size: its own static-shape step
     assert len(recorder.outputs) == 2 and len(wrapper._compiled_decode_steps) == 2
-    assert recorder.symbolic_inputs == [False, False]
+    assert all(shape[0] != "s" for shapes in recorder.symbolic_shapes for shape in shapes)  # batch stays static
 
 
 @pytest.mark.parametrize("sampling", [

@@ -25,7 +25,7 @@ __all__ = ["GenerationOutput", "WindowRule", "generate_windows", "sample_plain",
 
 DRAFT_MODES = ("sample", "argmax")
 #: decode steps attend to the filled KV cache rounded up to this many positions (adapters with `supports_kv_len`):
-#: a 256-token image reads ~60% of the static cache on average, and a compiled step sees 5 key lengths
+#: a 256-token image reads ~60% of the static cache on average, in 5 key lengths (5 CUDA graphs, one compile)
 KV_BUCKET = 64
 _STEP_IDS = itertools.count()  # names the code of each compiled decode step apart (see `_own_code`)
 
@@ -119,8 +119,8 @@ def generate_windows(
 
     bounded = use_cache and adapter.supports_kv_len
     key_limit = _round_up(n_cond + total, 8)  # the most keys a step reads
-    if use_cache:  # bounded reads: the cache is one bucket of 8 longer than any read, so every read is a
-        # strict prefix of it and a compiled step needs one graph for all lengths past the first
+    if use_cache:  # bounded reads: the cache is 8 slots longer than any read, so every read is a strict
+        # prefix of it (a read of the whole cache would be specialised apart by the compiler)
         adapter.setup_caches(rows, key_limit + 8 if bounded else n_cond + total, **mask_kwargs)
     decode_steps = {}  # per rule, made on first use
     cond_emb = adapter.embed_condition(cond_all, train=False)
@@ -136,8 +136,8 @@ def generate_windows(
             if step_rule not in decode_steps:
                 decode_steps[step_rule] = _decode_step(adapter, embed_window, window_logits, step_rule, compile,
                                                        batch)
-            kv_len = min(_round_up(n_cond + step, KV_BUCKET), key_limit) if bounded else None
-            current = decode_steps[step_rule](current, positions[step - 1: step], noise, knobs, kv_len)
+            keys = _key_span(min(_round_up(n_cond + step, KV_BUCKET), key_limit), device) if bounded else None
+            current = decode_steps[step_rule](current, positions[step - 1: step], noise, knobs, keys)
         else:
             fed[:, step - 1] = torch.cat([current, current]) if guided else current
             sequence = torch.cat([cond_emb, embed_window(fed[:, :step])], dim=1)
@@ -206,7 +206,7 @@ def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: in
 
 def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: WindowRule,
                  compile: bool | dict[str, Any], batch: int):
-    """The whole cached decode step, `(window [B, k], position [1], race noise, knobs, kv_len) -> next window`.
+    """The whole cached decode step, `(window [B, k], position [1], race noise, knobs, key span) -> next window`.
 
     It duplicates the window for the null condition, runs embedding, backbone and heads, mixes the
     guidance and samples, so a compiled step (`fullgraph=True`; CUDA graphs by default on CUDA)
@@ -214,9 +214,9 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: Wi
     """
 
     def step(windows: torch.Tensor, input_pos: torch.Tensor, noise: torch.Tensor | None,
-             knobs: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+             knobs: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
         fed = torch.cat([windows, windows]) if rule.guided else windows
-        bounded = {} if kv_len is None else {"kv_len": kv_len}
+        bounded = {} if keys is None else {"kv_len": keys.shape[1]}
         hidden = adapter.forward_hidden(embed_window(fed[:, None]), input_pos, **bounded)[:, -1]
         return rule.pick(window_logits(hidden), noise, knobs)
 
@@ -236,6 +236,15 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: Wi
     if key not in cache:
         cache[key] = _fresh_outputs(torch.compile(_own_code(step), **options))
     return cache[key]
+
+
+def _key_span(kv_len: int, device: torch.device) -> torch.Tensor:
+    """An empty `[0, kv_len]` tensor that hands the number of keys to read to the decode step as a size
+    marked dynamic: a compiled step traces one graph for every key length (a Python int would be
+    specialised on its first value and recompiled on the second), and there is no data to copy."""
+    keys = torch.empty(0, kv_len, device=device)
+    torch._dynamo.maybe_mark_dynamic(keys, 1)
+    return keys
 
 
 class CompiledSteps(dict):
