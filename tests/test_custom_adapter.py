@@ -63,6 +63,9 @@ def test_toy_model_cached_generation_equals_uncached(window, kv_cache):
         assert torch.equal(cached, wrapper.generate(labels, cfg_scale=cfg, use_cache=False, **GREEDY))
     # a second, shorter call reuses the caches
     assert torch.equal(wrapper.generate(labels, 5, **GREEDY), wrapper.generate(labels, 5, use_cache=False, **GREEDY))
+    with torch.inference_mode():  # caches made here (new batch size) cannot be written outside it: reallocated
+        inside = wrapper.generate(labels[:2], 5, **GREEDY)
+    assert torch.equal(wrapper.generate(labels[:2], 5, **GREEDY), inside)
 
 
 def test_plain_sampling_matches_a_greedy_loop_over_the_models_forward():

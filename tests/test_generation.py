@@ -171,6 +171,20 @@ def test_static_caches_are_reused_between_calls():
     assert wrapper.base_model.layers[0].attention.kv_cache.k_cache is first
 
 
+def test_caches_made_under_inference_mode_are_not_reused_outside_it():
+    """Inference tensors cannot be updated outside inference mode: such caches are reallocated."""
+    wrapper = wrapped(2)
+    with torch.inference_mode():
+        inside = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax")
+    outside = wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax")
+    assert torch.equal(inside, outside)
+    assert not wrapper.base_model.layers[0].attention.kv_cache.k_cache.is_inference()
+    cache = wrapper.base_model.layers[0].attention.kv_cache.k_cache
+    with torch.inference_mode():  # normal caches are fine to reuse inside inference mode
+        wrapper.generate(CLASSES, cfg_scale=2.0, greedy=True, draft="argmax")
+    assert wrapper.base_model.layers[0].attention.kv_cache.k_cache is cache
+
+
 def test_generator_reproducibility_and_num_tokens():
     wrapper = wrapped(3)
     a = wrapper.generate(CLASSES, num_tokens=10, generator=torch.Generator().manual_seed(3))

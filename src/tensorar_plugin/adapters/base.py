@@ -16,6 +16,12 @@ from torch import nn
 __all__ = ["BackboneAdapter"]
 
 
+def updatable_here(tensor: torch.Tensor | None) -> bool:
+    """Can a cache buffer be written in place in the current mode? Buffers made under
+    `torch.inference_mode()` cannot be outside it, so such caches must be reallocated, not reused."""
+    return tensor is None or not tensor.is_inference() or torch.is_inference_mode_enabled()
+
+
 class BackboneAdapter(ABC):
     """Uniform view of a causal transformer over `[condition tokens] + [image tokens]`.
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BackboneAdapter
+from .base import BackboneAdapter, updatable_here
 
 __all__ = ["KVCache", "ModuleAdapter", "resolve_part"]
 
@@ -365,7 +365,8 @@ class ModuleAdapter(BackboneAdapter):
         if self.kv_cache:
             caches = self._caches
             if caches is not None and caches[0].batch_size == batch_size \
-                    and caches[0].max_seq_length >= max_seq_length and caches[0].dtype == dtype:
+                    and caches[0].max_seq_length >= max_seq_length and caches[0].dtype == dtype \
+                    and updatable_here(caches[0].keys):
                 return  # reused: stale entries past the current position are masked out
             self._caches = [KVCache(batch_size, max_seq_length, dtype, self.device) for _ in self.blocks]
         else:

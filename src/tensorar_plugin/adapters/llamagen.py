@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .base import BackboneAdapter
+from .base import BackboneAdapter, updatable_here
 
 __all__ = ["LlamaGenAdapter"]
 
@@ -139,7 +139,7 @@ class LlamaGenAdapter(BackboneAdapter):
         cache = attn.kv_cache
         reusable = (self._cache_shape is not None and cache is not None and cache.k_cache.dtype == dtype
                     and cache.k_cache.device == self.device and self._cache_shape[0] == batch_size
-                    and self._cache_shape[1] >= max_seq_length)
+                    and self._cache_shape[1] >= max_seq_length and updatable_here(cache.k_cache))
         if not reusable:  # static caches are reused: stale entries past the current position are masked out
             with torch.device(self.device):  # the reference allocates on the default device
                 self.model.setup_caches(batch_size, max_seq_length, dtype)
