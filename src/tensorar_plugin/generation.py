@@ -261,7 +261,9 @@ def _own_code(fn: Callable) -> Callable:
     shapes a function has seen by file, line and name: a second batch size would make the next step's
     batch symbolic. Each compiled step (one per model, rule and batch size) starts afresh."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_STEP_IDS)}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def _fresh_outputs(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
