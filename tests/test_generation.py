@@ -239,9 +239,10 @@ def test_invalid_sampling_arguments(kwargs, match):
 
 def test_invalid_conditions():
     wrapper = wrapped(2)
-    with pytest.raises(ValueError, match="cond"):
+    with pytest.raises(ValueError, match=r"^cond holds class ids outside \[0, 10\] \(min 0, max 11\)$"):
         wrapper.generate(torch.tensor([0, 11]))
-    with pytest.raises(ValueError, match="cond"):
+    with pytest.raises(ValueError, match=r"^cond must be a 1-D integer tensor of class ids, got shape \(2,\) "
+                                         r"and dtype torch.float32$"):
         wrapper.generate(torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="cfg_scale"):
         wrapped(2, class_dropout_prob=0.0).generate(CLASSES, cfg_scale=2.0)

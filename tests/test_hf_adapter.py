@@ -289,9 +289,11 @@ def test_bad_conditions_and_settings_raise_clear_errors():
     wrapper(tokens, prompt)  # locks the prompt length to 3
     with pytest.raises(ValueError, match="num_cond_tokens=3"):
         wrapper(tokens, torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="cond"):
+    with pytest.raises(ValueError, match=r"^cond must be prompt token ids \[B, L\] \(an integer tensor\), got shape "
+                                         r"\(2, 3\) and dtype torch.float32$"):
         wrapper(tokens, prompt.float())
-    with pytest.raises(ValueError, match="cond"):
+    with pytest.raises(ValueError, match=rf"^cond holds token ids outside \[0, {VOCAB - 1}\] \(min {VOCAB}, "
+                                         rf"max {VOCAB}\)$"):
         wrapper(tokens, torch.full((2, 3), VOCAB))
     with pytest.raises(ValueError, match="null condition"):
         wrapper.generate(prompt, 4, cfg_scale=2.0)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BackboneAdapter, updatable_here
+from .base import BackboneAdapter, check_id_tensor, updatable_here
 
 __all__ = ["KVCache", "ModuleAdapter", "resolve_part"]
 
@@ -381,13 +381,9 @@ class ModuleAdapter(BackboneAdapter):
     def check_condition(self, cond, batch_size: int | None = None, *, name: str = "cond") -> int:
         super().check_condition(cond, batch_size, name=name)
         if self._num_classes is not None:
-            if cond.dim() != 1 or cond.dtype.is_floating_point or cond.dtype == torch.bool:
-                raise ValueError(f"{name} must be a 1-D integer tensor of class ids, got shape "
-                                 f"{tuple(cond.shape)} and dtype {cond.dtype}")
             upper = self._num_classes
             if isinstance(self._null, int) and not isinstance(self._null, bool):
                 upper = max(upper, self._null + 1)
-            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= upper):
-                raise ValueError(f"{name} holds class ids outside [0, {upper - 1}] "
-                                 f"(min {int(cond.min())}, max {int(cond.max())})")
+            check_id_tensor(cond, name=name, dims=1, layout="a 1-D integer tensor of class ids", what="class ids",
+                            upper=upper)
         return cond.shape[0]

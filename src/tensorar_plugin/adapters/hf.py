@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BackboneAdapter
+from .base import BackboneAdapter, check_id_tensor
 from .custom import checked_dropout_prob, drop_conditions, expand_null, first_tensor, out_features, resolve_part
 
 __all__ = ["HFCausalLMAdapter", "is_hf_causal_lm"]
@@ -479,14 +479,10 @@ class HFCausalLMAdapter(BackboneAdapter):
     def check_condition(self, cond, batch_size: int | None = None, *, name: str = "cond") -> int:
         super().check_condition(cond, batch_size, name=name)
         if self.condition == "prefix":
-            if cond.dim() != 2 or cond.dtype.is_floating_point or cond.dtype == torch.bool:
-                raise ValueError(f"{name} must be prompt token ids [B, L] (an integer tensor), got shape "
-                                 f"{tuple(cond.shape)} and dtype {cond.dtype}")
             upper = self.input_embeddings.num_embeddings if hasattr(self.input_embeddings, "num_embeddings") \
                 else self._lm_vocab_size()
-            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= upper):
-                raise ValueError(f"{name} holds token ids outside [0, {upper - 1}] "
-                                 f"(min {int(cond.min())}, max {int(cond.max())})")
+            check_id_tensor(cond, name=name, dims=2, layout="prompt token ids [B, L] (an integer tensor)",
+                            what="token ids", upper=upper)
             self._lock_length(cond.shape[1], name)
         elif self.condition == "embeds":
             if cond.dim() != 3 or cond.shape[-1] != self.hidden_size or not cond.dtype.is_floating_point:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .base import BackboneAdapter, updatable_here
+from .base import BackboneAdapter, check_id_tensor, updatable_here
 
 __all__ = ["LlamaGenAdapter"]
 
@@ -161,13 +161,8 @@ class LlamaGenAdapter(BackboneAdapter):
     def check_condition(self, cond, batch_size: int | None = None, *, name: str = "cond") -> int:
         super().check_condition(cond, batch_size, name=name)
         if self.model_type == "c2i":
-            if cond.dim() != 1 or cond.dtype.is_floating_point or cond.dtype == torch.bool:
-                raise ValueError(f"{name} must be a 1-D integer tensor of class ids, got shape "
-                                 f"{tuple(cond.shape)} and dtype {cond.dtype}")
-            upper = self.model.cls_embedding.embedding_table.num_embeddings
-            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= upper):
-                raise ValueError(f"{name} holds class ids outside [0, {upper - 1}] "
-                                 f"(min {int(cond.min())}, max {int(cond.max())})")
+            check_id_tensor(cond, name=name, dims=1, layout="a 1-D integer tensor of class ids", what="class ids",
+                            upper=self.model.cls_embedding.embedding_table.num_embeddings)
         else:
             in_dim = self.model.cls_embedding.cap_proj.fc1.in_features
             if cond.dim() != 3 or cond.shape[-1] != in_dim or cond.shape[1] < self.num_cond_tokens:
