@@ -391,6 +391,17 @@ def test_copies_of_a_compiled_wrapper_compile_their_own_step():
     torch.save(original, io.BytesIO())  # whole-module pickling still works after compiling
 
 
+def test_compiled_step_with_padded_text_conditions_and_bounded_reads():
+    """t2i, left-padded captions (cond_mask), 144 tokens (three key lengths): compiled == cached == uncached."""
+    torch._dynamo.reset()
+    wrapper = wrapped(4, model_type="t2i", cls_token_num=5, block_size=144)
+    caption = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(cfg_scale=2.0, top_k=10, cond_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    runs = [wrapper.generate(caption, generator=torch.Generator().manual_seed(0), **extra, **kwargs)
+            for extra in ({}, {"compile": {"backend": "aot_eager"}}, {"use_cache": False})]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
 def test_inductor_compiled_generation_matches_eager():
     """The real compiler (inductor, as on GPUs without CUDA graphs) lowers the whole step."""
     import shutil
