@@ -122,7 +122,7 @@ def generate_windows(
     if use_cache:  # bounded reads: the cache is 8 slots longer than any read, so every read is a strict
         # prefix of it (a read of the whole cache would be specialised apart by the compiler)
         adapter.setup_caches(rows, key_limit + 8 if bounded else n_cond + total, **mask_kwargs)
-    decode_steps = {}  # per rule, made on first use
+    decode_steps, key_spans = {}, {}  # per rule / per key length, made on first use
     cond_emb = adapter.embed_condition(cond_all, train=False)
     current = None
     for step in tqdm(range(total), disable=not progress, desc="sampling", unit="tok", leave=False):
@@ -136,7 +136,12 @@ def generate_windows(
             if step_rule not in decode_steps:
                 decode_steps[step_rule] = _decode_step(adapter, embed_window, window_logits, step_rule, compile,
                                                        batch)
-            keys = _key_span(min(_round_up(n_cond + step, KV_BUCKET), key_limit), device) if bounded else None
+            keys = None
+            if bounded:  # one span per key length, made once
+                kv_len = min(_round_up(n_cond + step, KV_BUCKET), key_limit)
+                if kv_len not in key_spans:
+                    key_spans[kv_len] = _key_span(kv_len, device)
+                keys = key_spans[kv_len]
             current = decode_steps[step_rule](current, positions[step - 1: step], noise, knobs, keys)
         else:
             fed[:, step - 1] = torch.cat([current, current]) if guided else current
