@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from tensorar_plugin import TensorARWrapper, sample_plain
 from tensorar_plugin.generation import _own_code
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"model": name, "batch": batch, "tokens": tokens, "floor_s": floor, "param_bytes": param_bytes}
             result.update(measure(args, model, wrapper, cond))
             rows.append(result)
-            print_row(result, args.window)
+            print_row(result, args.window, args.device.startswith("cuda"))
             save()
         del model, wrapper
         if name in args.check_models:
@@ -193,14 +194,18 @@ def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor)
     }
     if args.reference:
         runs.update(reference_runs(args, model, cond))
-    result: dict = {"errors": {}}
+    result: dict = {"errors": {}, "cudagraph_skips": {}}
+    skips = counters["inductor"]
     for label, fn in runs.items():
+        before = skips["cudagraph_skips"]
         try:
             with torch.inference_mode():
                 result[label] = statistics.median(timed(fn, args.device, args.repeats))
         except Exception as error:  # noqa: BLE001 - report it in the table and go on with the other samplers
             traceback.print_exc()
             result["errors"][label] = f"{type(error).__name__}: {error}"[:500]
+        # graphs inductor compiled but did not capture as CUDA graphs (a silent slow path under reduce-overhead)
+        result["cudagraph_skips"][label] = skips["cudagraph_skips"] - before
     return result
 
 
@@ -258,7 +263,7 @@ def evaluate_targets(rows: list[dict], window: int) -> list[dict]:
     return verdicts
 
 
-def print_row(row: dict, window: int) -> None:
+def print_row(row: dict, window: int, cuda: bool = False) -> None:
     key = f"tensorar_k{window}"
     if not getattr(print_row, "header", False):
         print(f"{'model':8} {'batch':>5} {'plain ms':>10} {'tensorar ms':>12} {'ratio':>6} {'tok/s tensorar':>15} "
@@ -278,6 +283,10 @@ def print_row(row: dict, window: int) -> None:
           f"{row['floor_s'] * 1e3:>9.1f} {over_floor:>11}  {others}")
     for label, error in row.get("errors", {}).items():
         print(f"         {label} failed: {error.splitlines()[0][:160]}")
+    if cuda:  # on a CPU nothing is captured anyway
+        for label, count in row.get("cudagraph_skips", {}).items():
+            if count:
+                print(f"         {label}: {count} compiled graph(s) ran without CUDA graphs (TORCH_LOGS=cudagraphs)")
 
 
 def print_targets(verdicts: list[dict]) -> None:
