@@ -66,13 +66,13 @@ def _load(args, device, dtype):
 
     from ..wrapper import TensorARWrapper
 
-    demo_defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
+    base_defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
     if args.model is None or (Path(args.model).is_dir() and (Path(args.model) / "demo_info.json").is_file()):
         from ..demo import load_demo
 
         bundle = load_demo(device=device, dtype=dtype, directory=args.model)
         info = bundle.info
-        defaults = {**demo_defaults, **info.get("sampling", {})}
+        defaults = {**base_defaults, **info.get("sampling", {})}
         return (bundle.wrapper, bundle.vq, info["grid"], defaults, list(range(len(info["class_names"]))), 2,
                 f"demo model ({info.get('name', 'bundled')})")
 
@@ -102,7 +102,7 @@ def _load(args, device, dtype):
         wrapper = TensorARWrapper.from_pretrained(path, LlamaGen(config))
         vq = load_vq(args.vq, device=device)
         grid = config.grid_size
-        defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
+        defaults = base_defaults
         desc = f"{path} (window {wrapper.window})"
     else:
         gpt = load_llamagen(args.model, image_size=args.image_size)
@@ -118,8 +118,8 @@ def _load(args, device, dtype):
             raise SystemExit("error: no paired tokenizer known for this model: pass --vq")
         vq = load_vq(vq_name, device=device)
         grid = gpt.config.grid_size
-        defaults = dict(cfg_scale=(info.cfg_scale if info and info.cfg_scale else 2.0), temperature=1.0,
-                        top_k=(info.top_k if info and info.top_k else 0), top_p=1.0, draft="sample")
+        defaults = {**base_defaults, "cfg_scale": (info.cfg_scale if info and info.cfg_scale else 2.0),
+                    "top_k": (info.top_k if info and info.top_k else 0)}
         desc = f"{args.model} (window {wrapper.window}{', TensorAR parts ' + args.tensorar if args.tensorar else ''})"
     wrapper = wrapper.to(device=device, dtype=dtype or torch.float32).eval()
     classes = IMAGENET_DEMO_CLASSES if wrapper.base_model.config.num_classes == 1000 else \
