@@ -233,6 +233,34 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
 
 
+def test_cli_finetune_training_settings_are_saved_and_kept_by_init_from(tmp_path, capsys):
+    torch.save({"model": tiny_llamagen().state_dict()}, tmp_path / "tiny.pt")
+    write_codes(tmp_path / "codes")
+    common = ["finetune", "--model", str(tmp_path / "tiny.pt"), *TINY_FLAGS, "--codes", str(tmp_path / "codes"),
+              "--batch-size", "4", "--save-every", "0", "--num-workers", "0", "--no-progress", "--precision", "no",
+              "--window", "3", "--steps", "1"]
+    settings = ["--noise-schedule", "adaptive", "--slot-weights", "1", "0.5", "0.5", "--draft-source", "model"]
+    assert main([*common, *settings, "--out", str(tmp_path / "a")]) == 0
+    saved = json.loads((tmp_path / "a" / "final" / "tensorar_config.json").read_text())
+    assert (saved["noise_schedule"], saved["slot_weights"], saved["draft_source"]) == ("adaptive", [1, 0.5, 0.5],
+                                                                                        "model")
+    capsys.readouterr()
+
+    # --init-from keeps the saved settings; the same flags are fine, different ones are refused by name
+    init = [*common, "--init-from", str(tmp_path / "a" / "final")]
+    assert main([*init, *settings, "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert main([*init, "--slot-weights", "1", "1", "1", "--max-noise", "1.0", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert ("asks for --slot-weights [1.0, 1.0, 1.0] (saved: [1.0, 0.5, 0.5]); drop these flags or start a fresh "
+            "model") in err
+    assert not (tmp_path / "c").exists()
+
+    # a weight per slot, named in the error
+    assert main([*common, "--slot-weights", "1", "0.1", "--out", str(tmp_path / "d")]) == 2
+    assert "slot_weights must be 3 non-negative numbers with a positive sum, got [1.0, 0.1]" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_data_naming_the_file(tmp_path, capsys):
     torch.save(tiny_llamagen().state_dict(), tmp_path / "tiny.pt")
     write_codes(tmp_path / "codes", n=4)
@@ -251,7 +279,7 @@ def test_cli_options_all_have_help():
     for flag in ("--model", "--codes", "--window", "--out", "--steps", "--batch-size", "--lr", "--warmup",
                  "--grad-accum", "--precision", "--ema", "--freeze-backbone", "--save-every", "--resume", "--seed",
                  "--device", "--image-size", "--num-workers", "--noise-schedule", "--max-noise", "--fsdp",
-                 "--preset", "--model-config"):
+                 "--preset", "--model-config", "--slot-weights", "--draft-source", "--init-from"):
         assert flag in options
     assert all(a.help for a in sub._actions)
 

@@ -18,6 +18,12 @@ from typing import Any
 
 __all__ = ["register", "run", "parse_overrides"]
 
+#: TensorAR settings a fresh model gets when their flags are not given (the wrapper's own defaults; the flags
+#: default to argparse.SUPPRESS so that a given flag can be told from a default). With --init-from the saved
+#: model's settings apply, and a flag given with a different value is an error.
+TENSORAR_DEFAULTS: dict[str, Any] = {"noise_schedule": "exponential", "max_noise": 1.0, "encoder_depth": 1,
+                                     "decoder_depth": 1, "slot_weights": None, "draft_source": "noise"}
+
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """`["n_head=4", "model_type=c2i"]` -> `{"n_head": 4, "model_type": "c2i"}` (Python literals, else strings)."""
@@ -33,6 +39,16 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
+def check_saved_settings(saved: dict[str, Any], given: dict[str, Any], source: str) -> None:
+    """A model loaded with --init-from keeps its saved TensorAR settings: refuse flags that say otherwise
+    (ignoring them silently would train something other than what the command line reads)."""
+    clashes = [f"--{name.replace('_', '-')} {value!r} (saved: {saved.get(name)!r})"
+               for name, value in given.items() if saved.get(name) != value]
+    if clashes:
+        raise ValueError(f"--init-from {source} keeps the saved model's TensorAR settings, but the command line "
+                         f"asks for {', '.join(clashes)}; drop these flags or start a fresh model")
+
+
 def _optional_bool(text: str) -> bool | None:
     value = text.lower()
     if value in ("auto", "none"):
@@ -45,7 +61,7 @@ def _optional_bool(text: str) -> bool | None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..noise import SCHEDULES
+    from ..noise import ADAPTIVE, SCHEDULES
     from ..train import LR_SCHEDULES, PRECISIONS
 
     parser = subparsers.add_parser(
@@ -72,14 +88,24 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="start from a saved TensorAR model (a save_pretrained folder) instead of fresh TensorAR "
                             "parts")
 
-    tensorar = parser.add_argument_group("TensorAR")
+    tensorar = parser.add_argument_group("TensorAR", "new models only: with --init-from the saved model's "
+                                                     "settings apply")
     tensorar.add_argument("--window", type=int, default=4, help="tokens per predicted tensor (k)")
-    tensorar.add_argument("--noise-schedule", default="exponential", choices=sorted(SCHEDULES),
-                          help="how the draft-slot noise grows across the window")
-    tensorar.add_argument("--max-noise", type=float, default=1.0,
-                          help="replacement probability of the last draft slot")
-    tensorar.add_argument("--encoder-depth", type=int, default=1, help="blocks of the tensor encoder")
-    tensorar.add_argument("--decoder-depth", type=int, default=1, help="blocks of the tensor decoder")
+    tensorar.add_argument("--noise-schedule", default=argparse.SUPPRESS, choices=sorted([*SCHEDULES, ADAPTIVE]),
+                          help="how the draft-slot noise grows across the window (default exponential; adaptive: "
+                               "follows the model's own draft accuracy)")
+    tensorar.add_argument("--max-noise", type=float, default=argparse.SUPPRESS,
+                          help="replacement probability of the last draft slot (default 1.0)")
+    tensorar.add_argument("--encoder-depth", type=int, default=argparse.SUPPRESS,
+                          help="blocks of the tensor encoder (default 1)")
+    tensorar.add_argument("--decoder-depth", type=int, default=argparse.SUPPRESS,
+                          help="blocks of the tensor decoder (default 1)")
+    tensorar.add_argument("--slot-weights", type=float, nargs="+", default=argparse.SUPPRESS, metavar="W",
+                          help="loss weight of each of the --window slots (default uniform; for small models or "
+                               "short runs docs/benchmarks.md found 1 0.1 0.1 0.1 better)")
+    tensorar.add_argument("--draft-source", default=argparse.SUPPRESS, choices=("noise", "model"),
+                          help="training drafts: noised clean tokens (default, the paper) or samples from a "
+                               "gradient-free pass of the model (ours)")
     tensorar.add_argument("--freeze-backbone", action="store_true",
                           help="train only the TensorAR parts (checkpoints then hold only those, adapter-style)")
 
@@ -153,13 +179,14 @@ def run(args: argparse.Namespace) -> int:
                              f"models on class-labelled codes. Use tensorar_plugin.train.Trainer with a dataset of "
                              f"(codes, caption features) for text-conditional fine-tuning.")
         torch.manual_seed(args.seed)  # the TensorAR parts start identical on every rank
+        given = {name: getattr(args, name) for name in TENSORAR_DEFAULTS if hasattr(args, name)}  # flags given
         if args.init_from:
             wrapper = TensorARWrapper.from_pretrained(args.init_from, model, window=args.window)
+            check_saved_settings(wrapper.config.to_dict(), given, args.init_from)
             wrapper.set_backbone_frozen(args.freeze_backbone)
         else:
-            wrapper = TensorARWrapper(model, window=args.window, noise_schedule=args.noise_schedule,
-                                      max_noise=args.max_noise, encoder_depth=args.encoder_depth,
-                                      decoder_depth=args.decoder_depth, freeze_backbone=args.freeze_backbone)
+            wrapper = TensorARWrapper(model, window=args.window, freeze_backbone=args.freeze_backbone,
+                                      **{**TENSORAR_DEFAULTS, **given})
         dataset = CodesDataset(args.codes, num_tokens=model.block_size, codebook_size=wrapper.vocab_size,
                                num_classes=model.num_classes, seed=args.seed, augment=not args.no_augment)
         log.info("dataset: %r", dataset)
