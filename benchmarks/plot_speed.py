@@ -24,12 +24,20 @@ def sampler_times(row: dict, window: int) -> dict[str, float]:
     return times
 
 
+def kernel_cell(row: dict, window: int) -> str:
+    """Kernel launches per decode step, plain / TensorAR / LlamaGen compiled ('-' where not counted)."""
+    counts = row.get("kernels_per_step") or {}
+    return " / ".join(str(counts.get(key) or "-") for key in ("plain", f"tensorar_k{window}", "llamagen_compiled"))
+
+
 def markdown_table(data: dict) -> str:
     window = data["meta"]["window"]
+    kernels = any(row.get("kernels_per_step") for row in data["rows"])  # counted by runs since 2026-11-23
+    extra = " kernels per step (plain / TensorAR / LlamaGen) |" if kernels else ""
     lines = ["| model | batch | LlamaGen eager (ms) | LlamaGen compiled (ms) | ours plain (ms) | "
              f"TensorAR k={window} (ms) | TensorAR tok/s | floor (ms) | LlamaGen compiled / TensorAR | "
-             "TensorAR / plain | plain / floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "TensorAR / plain | plain / floor |" + extra,
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kernels else "")]
     for row in data["rows"]:
         t = sampler_times(row, window)
 
@@ -43,7 +51,8 @@ def markdown_table(data: dict) -> str:
         over_floor = f"{t['plain'] / row['floor_s']:.2f}x" if "plain" in t else "-"
         lines.append(f"| {row['model']} | {row['batch']} | {ms('llamagen_eager')} | {ms('llamagen_compiled')} | "
                      f"{ms('plain')} | {ms('tensorar')} | {per_second} | {row['floor_s'] * 1e3:.1f} | "
-                     f"{ratio('llamagen_compiled', 'tensorar')} | {ratio('tensorar', 'plain')} | {over_floor} |")
+                     f"{ratio('llamagen_compiled', 'tensorar')} | {ratio('tensorar', 'plain')} | {over_floor} |"
+                     + (f" {kernel_cell(row, window)} |" if kernels else ""))
     return "\n".join(lines)
 
 

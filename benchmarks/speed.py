@@ -17,15 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.graph import GraphLowering
 
 from tensorar_plugin import TensorARWrapper, sample_plain
 from tensorar_plugin.generation import _own_code
@@ -38,6 +41,8 @@ PRESETS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 #: issue 8's targets: TensorAR vs LlamaGen compiled, TensorAR vs our plain sampler, plain vs the weight-read floor
 TARGETS = {"speedup_vs_llamagen_compiled": 3.0, "tensorar_over_plain": 1.10, "plain_over_floor": 2.5}
+#: a kernel launch in inductor's generated wrapper code: its own C++ or Triton kernels, extern matmuls, aten fallbacks
+KERNEL_CALL = re.compile(r"\b(?:cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(")
 
 
 def make_model(name: str, device: str, dtype: torch.dtype) -> LlamaGen:
@@ -76,6 +81,23 @@ def timed(fn, device: str, repeats: int) -> list[float]:
         sync(device)
         times.append(clock() - start)
     return times
+
+
+def count_kernel_calls(code: str) -> int:
+    """Kernel launches in the `call` of one graph's generated code (kernel definitions above it do not count)."""
+    start = min((i for i in (code.find("class Runner"), code.find("def call(")) if i >= 0), default=0)
+    end = code.find("def benchmark_compiled_module", start)
+    return len(KERNEL_CALL.findall(code[start:end if end >= 0 else len(code)]))
+
+
+def decode_step_kernels(fn) -> int | None:
+    """Run `fn` once and count the kernel launches of the largest graph inductor compiled meanwhile: for a
+    sampler's first call, its decode step, i.e. what a CUDA graph replays per token. At batch 1 a step's
+    time grows with this count rather than with the bytes read. None when nothing was compiled."""
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        fn()
+    return max(map(count_kernel_calls, codes), default=None)
 
 
 def copy_bandwidth(device: str) -> float:
@@ -194,12 +216,17 @@ def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor)
     }
     if args.reference:
         runs.update(reference_runs(args, model, cond))
-    result: dict = {"errors": {}, "cudagraph_skips": {}}
+    # samplers whose first call compiles a decode step with inductor (its generated code is counted)
+    ours_inductor = compiled and args.compile_backend in ("", "inductor")
+    inductor = {"llamagen_compiled"} | ({"plain", f"tensorar_k{args.window}"} if ours_inductor else set())
+    result: dict = {"errors": {}, "cudagraph_skips": {}, "kernels_per_step": {}}
     skips = counters["inductor"]
     for label, fn in runs.items():
         before = skips["cudagraph_skips"]
         try:
             with torch.inference_mode():
+                if label in inductor:
+                    result["kernels_per_step"][label] = decode_step_kernels(fn)
                 result[label] = statistics.median(timed(fn, args.device, args.repeats))
         except Exception as error:  # noqa: BLE001 - report it in the table and go on with the other samplers
             traceback.print_exc()
@@ -281,6 +308,9 @@ def print_row(row: dict, window: int, cuda: bool = False) -> None:
                        if k.startswith("llamagen_") and tar)
     print(f"{row['model']:8} {row['batch']:>5} {ms(plain):>10} {ms(tar):>12} {ratio:>6} {per_second:>15} "
           f"{row['floor_s'] * 1e3:>9.1f} {over_floor:>11}  {others}")
+    kernels = {label: n for label, n in row.get("kernels_per_step", {}).items() if n}
+    if kernels:
+        print("         kernel launches per decode step: " + ", ".join(f"{k}={n}" for k, n in kernels.items()))
     for label, error in row.get("errors", {}).items():
         print(f"         {label} failed: {error.splitlines()[0][:160]}")
     if cuda:  # on a CPU nothing is captured anyway

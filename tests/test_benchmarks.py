@@ -26,6 +26,7 @@ def test_speed_benchmark_table_json_check_and_plot(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [(r["model"], r["batch"]) for r in data["rows"]] == [("micro", 1), ("micro", 2)]
     assert all(r["plain"] > 0 and r["tensorar_k4"] > 0 and not r["errors"] for r in data["rows"])
+    assert all(r["kernels_per_step"] == {} for r in data["rows"])  # aot_eager generates no kernels to count
     checks = data["checks"]["micro"]
     assert set(checks) == {"plain_greedy", "tensorar_greedy", "tensorar_sampled"}
     assert all(check["tokens_equal"] for check in checks.values())
@@ -50,3 +51,44 @@ def test_speed_benchmark_rejects_unknown_models(capsys):
     with pytest.raises(SystemExit):
         load_script("speed").main(["--models", "GPT-B", "GPT-Q"])
     assert "--models: unknown model(s) ['GPT-Q']" in capsys.readouterr().err
+
+
+def test_kernel_count_reads_launches_in_the_generated_call_only():
+    code = '''
+cpp_fused_add_0 = async_compile.cpp_pybinding(['float*'], """extern "C" void kernel(float* x) {}""")
+@triton.jit
+def triton_poi_fused_mul_1(in_ptr0, xnumel):
+    pass
+class Runner:
+    def call(self, args):
+        cpp_fused_add_0(buf0)
+        extern_kernels.mm(buf0, arg1, out=buf1)
+        triton_poi_fused_mul_1.run(buf1, 8, stream=stream0)
+        buf2 = torch.ops.aten._scaled_dot_product_flash_attention.default(buf1, buf1, buf1)
+        return (buf2, )
+def benchmark_compiled_module(times=10, repeat=10):
+    cpp_fused_add_0(x)
+'''
+    assert load_script("speed").count_kernel_calls(code) == 4
+
+
+def test_kernel_count_of_compiled_decode_steps():
+    """Inductor's step for a window-1 wrapper is the plain sampler's; window 4 adds the encoder and decoder."""
+    import shutil
+
+    import torch
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on CPU needs a C compiler")
+    from tensorar_plugin import sample_plain
+
+    speed = load_script("speed")
+    model, cond = speed.make_model("micro", "cpu", torch.float32), torch.arange(2)
+    with torch.inference_mode():
+        plain = speed.decode_step_kernels(lambda: sample_plain(model, cond, cfg_scale=2.0, compile=True))
+        k1, k4 = (speed.decode_step_kernels(lambda k=k: speed.make_wrapper(model, k).generate(
+            cond, cfg_scale=2.0, compile=True)) for k in (1, 4))
+        # the plain step is compiled and kept on the model: a second call compiles nothing
+        again = speed.decode_step_kernels(lambda: sample_plain(model, cond, cfg_scale=2.0, compile=True))
+    assert plain and k1 == plain and k4 > plain
+    assert again is None
