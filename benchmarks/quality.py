@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="TensorAR per-slot loss weights (4 numbers; default uniform)")
     p.add_argument("--draft-source", choices=("noise", "model"), default="noise",
                    help="TensorAR training drafts: noised clean tokens (paper) or the model's own samples")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="TensorAR arm: train only the encoder/decoder, the base model stays frozen")
     p.add_argument("--only", choices=("plain", "tensorar"), default=None, help="run one arm only")
     p.add_argument("--also-argmax", action="store_true",
                    help="also sample the TensorAR model with argmax drafts (no extra training)")
@@ -431,7 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
                 loss_fn, params = td.plain_loss_fn(model, train_tokens, train_y), model.parameters()
             else:
                 model = TensorARWrapper(model, window=4, noise_schedule=args.noise_schedule,
-                                        slot_weights=args.slot_weights, draft_source=args.draft_source).train()
+                                        slot_weights=args.slot_weights, draft_source=args.draft_source,
+                                        freeze_backbone=args.freeze_backbone).train()
                 loss_fn, params = td.tensorar_loss_fn(model, train_tokens, train_y, seed), model.parameters()
             t0 = time.time()
             losses = td.fit(loss_fn, params, len(train_tokens), seed=seed, label=f"{arm} seed {seed}",
@@ -468,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"tiny": tiny, "steps": args.steps, "seeds": args.seeds, "num_samples": len(cond),
                      "ref_images": len(ref_x), "batch": args.batch, "lr": args.lr, "window": 4,
                      "noise_schedule": args.noise_schedule, "slot_weights": args.slot_weights,
-                     "draft_source": args.draft_source,
+                     "draft_source": args.draft_source, "freeze_backbone": args.freeze_backbone,
                      "sampling": {**sampling, "draft": "sample"}, "features": features_info,
                      "base": "tiny (trained inline)" if tiny else args.base, "threads": args.threads,
                      "device": f"CPU ({platform.processor() or platform.machine()})",
