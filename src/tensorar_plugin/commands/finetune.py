@@ -18,11 +18,10 @@ from typing import Any
 
 __all__ = ["register", "run", "parse_overrides"]
 
-#: TensorAR settings a fresh model gets when their flags are not given (the wrapper's own defaults; the flags
-#: default to argparse.SUPPRESS so that a given flag can be told from a default). With --init-from the saved
-#: model's settings apply, and a flag given with a different value is an error.
-TENSORAR_DEFAULTS: dict[str, Any] = {"noise_schedule": "exponential", "max_noise": 1.0, "encoder_depth": 1,
-                                     "decoder_depth": 1, "slot_weights": None, "draft_source": "noise"}
+#: TensorAR settings with flags. The flags default to argparse.SUPPRESS, so only given ones reach the wrapper
+#: (a fresh model takes the wrapper's own defaults for the others) and --init-from can tell a given flag
+#: from a default: the saved model's settings apply, and a flag given with a different value is an error.
+TENSORAR_FLAGS = ("noise_schedule", "max_noise", "encoder_depth", "decoder_depth", "slot_weights", "draft_source")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -88,8 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="start from a saved TensorAR model (a save_pretrained folder) instead of fresh TensorAR "
                             "parts")
 
-    tensorar = parser.add_argument_group("TensorAR", "new models only: with --init-from the saved model's "
-                                                     "settings apply")
+    tensorar = parser.add_argument_group("TensorAR", "with --init-from the saved model's settings apply: "
+                                                     "--freeze-backbone still does, other flags must match them")
     tensorar.add_argument("--window", type=int, default=4, help="tokens per predicted tensor (k)")
     tensorar.add_argument("--noise-schedule", default=argparse.SUPPRESS, choices=sorted([*SCHEDULES, ADAPTIVE]),
                           help="how the draft-slot noise grows across the window (default exponential; adaptive: "
@@ -179,14 +178,13 @@ def run(args: argparse.Namespace) -> int:
                              f"models on class-labelled codes. Use tensorar_plugin.train.Trainer with a dataset of "
                              f"(codes, caption features) for text-conditional fine-tuning.")
         torch.manual_seed(args.seed)  # the TensorAR parts start identical on every rank
-        given = {name: getattr(args, name) for name in TENSORAR_DEFAULTS if hasattr(args, name)}  # flags given
+        given = {name: getattr(args, name) for name in TENSORAR_FLAGS if hasattr(args, name)}
         if args.init_from:
             wrapper = TensorARWrapper.from_pretrained(args.init_from, model, window=args.window)
             check_saved_settings(wrapper.config.to_dict(), given, args.init_from)
             wrapper.set_backbone_frozen(args.freeze_backbone)
         else:
-            wrapper = TensorARWrapper(model, window=args.window, freeze_backbone=args.freeze_backbone,
-                                      **{**TENSORAR_DEFAULTS, **given})
+            wrapper = TensorARWrapper(model, window=args.window, freeze_backbone=args.freeze_backbone, **given)
         dataset = CodesDataset(args.codes, num_tokens=model.block_size, codebook_size=wrapper.vocab_size,
                                num_classes=model.num_classes, seed=args.seed, augment=not args.no_augment)
         log.info("dataset: %r", dataset)
