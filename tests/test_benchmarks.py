@@ -92,3 +92,33 @@ def test_kernel_count_of_compiled_decode_steps():
         again = speed.decode_step_kernels(lambda: sample_plain(model, cond, cfg_scale=2.0, compile=True))
     assert plain and k1 == plain and k4 > plain
     assert again is None
+
+
+def test_quality_steps_plot_sorts_runs_into_series_and_refuses_duplicates(tmp_path, capsys):
+    steps_plot = load_script("plot_quality_steps")
+    settings = {"steps": 200, "noise_schedule": None, "draft_source": None, "slot_weights": None}
+    runs = [{"arm": "plain", "seed": 0, "fid": 10.0, "class_acc": 0.5},
+            {"arm": "plain", "seed": 1, "fid": 14.0, "class_acc": 0.7},
+            {"arm": "tensorar", "seed": 0, "fid": 20.0, "class_acc": 0.4},
+            {"arm": "tensorar_argmax", "seed": 0, "fid": 30.0, "class_acc": 0.3}]
+    (tmp_path / "a.json").write_text(json.dumps({"settings": settings, "runs": runs}))
+    tuned = {**settings, "steps": 600, "draft_source": "model", "slot_weights": [1.0, 0.1, 0.1, 0.1]}
+    frozen = {**tuned, "freeze_backbone": True}
+    (tmp_path / "b.json").write_text(json.dumps({"settings": tuned, "runs": runs[2:3]}))
+    (tmp_path / "c.json").write_text(json.dumps({"settings": frozen, "runs": runs[2:3]}))  # not a drawn series
+    (tmp_path / "d.partial.json").write_text(json.dumps(runs))  # a run cut short: a bare list, skipped
+    files = sorted(tmp_path.glob("*.json"))
+    assert steps_plot.main([str(f) for f in files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| plain next-token | 200 | 0, 1 | 12.0 ± 2.8 | 0.600 ± 0.141 |" in lines
+    assert "| TensorAR, paper defaults | 200 | 0 | 20.0 ± 0.0 | 0.400 ± 0.000 |" in lines
+    assert "| TensorAR, model drafts, slot weights 1/0.1/0.1/0.1 | 600 | 0 | 20.0 ± 0.0 | 0.400 ± 0.000 |" in lines
+    assert len(lines) == 5  # header, rule, three rows: argmax sampling and the frozen backbone are left out
+
+    (tmp_path / "e.json").write_text(json.dumps({"settings": settings, "runs": runs[:1]}))
+    with pytest.raises(ValueError, match="plain next-token, 200 steps, seed 0 is also in another file"):
+        steps_plot.collect(sorted(tmp_path.glob("*.json")))
+
+    pytest.importorskip("matplotlib")
+    steps_plot.plot(steps_plot.collect(files), tmp_path / "steps.png")
+    assert (tmp_path / "steps.png").stat().st_size > 0
