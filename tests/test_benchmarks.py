@@ -53,23 +53,33 @@ def test_speed_benchmark_rejects_unknown_models(capsys):
     assert "--models: unknown model(s) ['GPT-Q']" in capsys.readouterr().err
 
 
-def test_kernel_count_reads_launches_in_the_generated_call_only():
-    code = '''
-cpp_fused_add_0 = async_compile.cpp_pybinding(['float*'], """extern "C" void kernel(float* x) {}""")
+def test_kernel_count_reads_launches_not_definitions_or_the_harness():
+    code = """
+from torch._inductor.select_algorithm import extern_kernels
+aten = torch.ops.aten
+cpp_fused_add_0 = async_compile.cpp_pybinding(['float*'], '''extern "C" void kernel(float* x) {}''')
+triton_poi_fused_mul_1 = async_compile.triton('triton_poi_fused_mul_1', '''
 @triton.jit
 def triton_poi_fused_mul_1(in_ptr0, xnumel):
-    pass
+    tmp0 = tl.load(in_ptr0 + x0)
+''')
+def partition_0(args):
+    triton_poi_fused_mul_1.run(buf1, 8, stream=stream0)
+    extern_kernels.addmm(b, buf1, w, out=buf3)
 class Runner:
     def call(self, args):
         cpp_fused_add_0(buf0)
         extern_kernels.mm(buf0, arg1, out=buf1)
-        triton_poi_fused_mul_1.run(buf1, 8, stream=stream0)
+        (buf3, ) = self.partitions[0](partition0_args)
         buf2 = torch.ops.aten._scaled_dot_product_flash_attention.default(buf1, buf1, buf1)
         return (buf2, )
-def benchmark_compiled_module(times=10, repeat=10):
+def get_args():
+    return [rand_strided((8, ), (1, ), device='cpu')]
+def benchmark_compiled_module(args, times=10, repeat=10):
     cpp_fused_add_0(x)
-'''
-    assert load_script("speed").count_kernel_calls(code) == 4
+"""
+    # the inline launches of `call` and those of the partition function (how CUDA-graph partitions are emitted)
+    assert load_script("speed").count_kernel_calls(code) == 5
 
 
 def test_kernel_count_of_compiled_decode_steps():
