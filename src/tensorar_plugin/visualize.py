@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["tokens_to_images", "image_grid", "render_history", "history_to_tokens"]
+__all__ = ["decode_tokens", "tokens_to_images", "image_grid", "render_history", "history_to_tokens"]
 
 
 def _grid_shape(grid, num_tokens: int) -> tuple[int, int]:
@@ -30,6 +30,26 @@ def _grid_shape(grid, num_tokens: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def decode_tokens(vq, tokens: torch.Tensor, grid: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Decode image tokens `[B, h*w]` (row-major) through `vq` into images `[B, 3, H, W]` in about [-1, 1].
+
+    The tokens go to the device of `vq`'s weights; `grid` is the token grid (`h` for a square one, or
+    `(h, w)`); None infers a square grid.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
+        raise ValueError(f"tokens must be a [batch, h*w] tensor, got {getattr(tokens, 'shape', type(tokens))}")
+    h, w = _grid_shape(grid, tokens.shape[1])
+    params = next(iter(vq.parameters()), None) if hasattr(vq, "parameters") else None
+    buffers = next(iter(vq.buffers()), None) if hasattr(vq, "buffers") else None
+    ref = params if params is not None else buffers
+    codes = tokens.to(device=ref.device if ref is not None else tokens.device, dtype=torch.long)
+    dim = getattr(getattr(vq, "config", None), "codebook_embed_dim", None)
+    if isinstance(dim, int):  # a VQModel: pass the grid shape explicitly (non-square grids work)
+        return vq.decode_code(codes, shape=(codes.shape[0], dim, h, w))
+    return vq.decode_code(codes)
+
+
+@torch.no_grad()
 def tokens_to_images(vq, tokens: torch.Tensor, grid: int | Sequence[int] | None = None, *,
                      batch_size: int = 64) -> list:
     """Decode image tokens `[B, h*w]` (row-major) through `vq` into a list of `B` RGB PIL images.
@@ -42,19 +62,9 @@ def tokens_to_images(vq, tokens: torch.Tensor, grid: int | Sequence[int] | None 
 
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
         raise ValueError(f"tokens must be a [batch, h*w] tensor, got {getattr(tokens, 'shape', type(tokens))}")
-    h, w = _grid_shape(grid, tokens.shape[1])
-    params = next(iter(vq.parameters()), None) if hasattr(vq, "parameters") else None
-    buffers = next(iter(vq.buffers()), None) if hasattr(vq, "buffers") else None
-    ref = params if params is not None else buffers
-    device = ref.device if ref is not None else tokens.device
     images = []
     for chunk in tokens.split(batch_size):
-        codes = chunk.to(device=device, dtype=torch.long)
-        dim = getattr(getattr(vq, "config", None), "codebook_embed_dim", None)
-        if isinstance(dim, int):  # a VQModel: pass the grid shape explicitly (non-square grids work)
-            decoded = vq.decode_code(codes, shape=(codes.shape[0], dim, h, w))
-        else:
-            decoded = vq.decode_code(codes)
+        decoded = decode_tokens(vq, chunk, grid)
         images.extend(Image.fromarray(a) for a in tensor_to_uint8(decoded.float().clamp(-1, 1)))
     return images
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "add_model_arguments", "add_device_arguments", "load_model"]
 
 #: LlamaGen's demo classes (ImageNet ids), used for hub models when --classes is not given
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -28,16 +28,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sample", help="sample an image grid (the bundled demo model by default, offline)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="hub name (e.g. c2i_B_256), a demo bundle folder, or a save_pretrained folder "
-                        "(default: the bundled MNIST demo)")
-    p.add_argument("--tensorar", default=None, metavar="DIR",
-                   help="TensorAR parts saved by save_pretrained, put around a --model hub backbone")
-    p.add_argument("--vq", default=None, help="tokenizer (hub name or file) for a save_pretrained folder")
-    p.add_argument("--image-size", type=int, default=None, help="image size of a hub / save_pretrained model")
-    p.add_argument("--window", type=int, default=None,
-                   help="window for a hub model without --tensorar parts: 1 (default) samples plainly; "
-                        "larger windows add untrained parts that change nothing but speed")
+    add_model_arguments(p)
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write (default samples.png)")
     p.add_argument("--history", action="store_true", help="also write a picture of the refinement (drafts to final)")
     p.add_argument("--history-out", type=Path, default=None, help="default: <out stem>_history.png")
@@ -52,15 +43,33 @@ def register(subparsers) -> None:
     p.add_argument("--per-class", "--batch", dest="per_class", type=int, default=8,
                    help="samples per class = images per row (default 8)")
     p.add_argument("--scale", type=int, default=None, help="pixel upscaling of the grid (default: 2 for the demo)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default float32)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny demo on a busy machine)")
+    add_device_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
-def _load(args, device, dtype):
+def add_model_arguments(p) -> None:
+    """The model flags shared by `tensorar sample` and `tensorar sample-npz` (read by `load_model`)."""
+    p.add_argument("--model", default=None,
+                   help="hub name (e.g. c2i_B_256), a demo bundle folder, or a save_pretrained folder "
+                        "(default: the bundled MNIST demo)")
+    p.add_argument("--tensorar", default=None, metavar="DIR",
+                   help="TensorAR parts saved by save_pretrained, put around a --model hub backbone")
+    p.add_argument("--vq", default=None, help="tokenizer (hub name or file) for a save_pretrained folder")
+    p.add_argument("--image-size", type=int, default=None, help="image size of a hub / save_pretrained model")
+    p.add_argument("--window", type=int, default=None,
+                   help="window for a hub model without --tensorar parts: 1 (default) samples plainly; "
+                        "larger windows add untrained parts that change nothing but speed")
+
+
+def add_device_arguments(p) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny demo on a busy machine)")
+
+
+def load_model(args, device, dtype):
     """-> (wrapper, vq, grid, defaults dict, classes default, scale default, description)."""
     import torch
 
@@ -138,7 +147,7 @@ def run(args) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     if args.per_class < 1:
         raise SystemExit("error: --per-class must be >= 1")
-    wrapper, vq, grid, defaults, default_classes, default_scale, desc = _load(args, device, dtype)
+    wrapper, vq, grid, defaults, default_classes, default_scale, desc = load_model(args, device, dtype)
     classes = args.classes if args.classes is not None else default_classes
     num_classes = wrapper.base_model.config.num_classes
     bad = [c for c in classes if not 0 <= c < num_classes]
