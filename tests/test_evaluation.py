@@ -376,6 +376,11 @@ def test_fid_of_a_set_with_itself_is_zero_and_saved_stats_are_reused(tmp_path):
     assert fid > 1e-6
     stats = save_statistics(tmp_path / "stats.npz", *activation_statistics(other, InceptionFeatures(net),
                                                                              progress=False))
+    features = InceptionFeatures(net)  # an InceptionFeatures is used as it is, not wrapped again
+    saved = tmp_path / "saved.npz"
+    assert compute_fid(npz, other, inception=features, progress=False, save_reference_stats=saved) == fid
+    with np.load(saved) as a, np.load(stats) as b:
+        assert np.array_equal(a["mu"], b["mu"]) and np.array_equal(a["sigma"], b["sigma"])
     calls = len(net.seen)
     assert load_statistics(stats, InceptionFeatures(net))[0].shape == (5,) and len(net.seen) == calls  # not recomputed
     assert compute_fid(npz, stats, inception=net, progress=False) == pytest.approx(fid, rel=1e-9)
@@ -430,6 +435,14 @@ def test_commands_reject_bad_arguments(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=message):
         cli_main(argv)
+
+
+def test_fid_against_statistics_of_another_network_is_an_error(tmp_path):
+    _, _, npz = write_images(tmp_path, 3, seed=5)
+    stats = save_statistics(tmp_path / "stats2048.npz", np.zeros(2048), np.eye(2048))
+    net = save_scripted(tmp_path / "probe.pt")
+    with pytest.raises(SystemExit, match="samples give 5-d features but the reference statistics are 2048-d"):
+        cli_main(["fid", str(npz), str(stats), "--inception", str(net), "--device", "cpu", "--no-progress"])
 
 
 def test_fid_command_without_inception_says_how_to_get_it(tmp_path, monkeypatch):

@@ -35,8 +35,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from ..evaluation import InceptionFeatures, activation_statistics, frechet_distance, load_statistics
-    from ..evaluation.fid import count_images, save_statistics
+    from ..evaluation import InceptionFeatures, compute_fid
+    from ..evaluation.fid import count_images
 
     if args.batch_size < 1:
         raise SystemExit("error: --batch-size must be >= 1")
@@ -45,19 +45,16 @@ def run(args) -> int:
             raise SystemExit(f"error: {name} {getattr(args, name)} does not exist")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        features = InceptionFeatures(args.inception).to(device)
+        features = InceptionFeatures(args.inception)
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}") from None
-    progress = not args.no_progress
-    mu_ref, sigma_ref = load_statistics(args.reference, features, batch_size=args.batch_size, progress=progress)
+    try:
+        fid = compute_fid(args.samples, args.reference, inception=features, batch_size=args.batch_size, device=device,
+                          progress=not args.no_progress, save_reference_stats=args.save_reference_stats)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.save_reference_stats:
-        save_statistics(args.save_reference_stats, mu_ref, sigma_ref)
         print(f"wrote {args.save_reference_stats} (reference mu/sigma)")
-    mu, sigma = activation_statistics(args.samples, features, batch_size=args.batch_size, progress=progress)
-    if mu.shape != mu_ref.shape:
-        raise SystemExit(f"error: samples give {mu.shape[0]}-d features, the reference statistics are "
-                         f"{mu_ref.shape[0]}-d: computed with another network?")
-    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
     result = {"fid": fid, "samples": str(args.samples), "num_samples": count_images(args.samples),
               "reference": str(args.reference), "inception": features.source}
     print(f"FID {fid:.4f}  ({result['num_samples']} samples vs {args.reference})")

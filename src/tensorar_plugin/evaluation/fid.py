@@ -235,12 +235,19 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def compute_fid(samples, reference, *, inception: str | os.PathLike[str] | nn.Module | None = None,
-                batch_size: int = 100, device: str | torch.device | None = None, progress: bool = True) -> float:
-    """FID between `samples` and `reference` (each an `.npz` or image folder; a reference may hold `mu`/`sigma`)."""
-    features = InceptionFeatures(inception)
+                batch_size: int = 100, device: str | torch.device | None = None, progress: bool = True,
+                save_reference_stats: str | os.PathLike[str] | None = None) -> float:
+    """FID between `samples` and `reference` (each an `.npz` or image folder; a reference may hold `mu`/`sigma`).
+
+    `inception`: a TorchScript path, a feature network, or an `InceptionFeatures`; `save_reference_stats`
+    also writes the reference's `mu` / `sigma` there (to reuse without its images).
+    """
+    features = inception if isinstance(inception, InceptionFeatures) else InceptionFeatures(inception)
     if device is not None:
         features = features.to(device)
     mu_ref, sigma_ref = load_statistics(reference, features, batch_size=batch_size, progress=progress)
+    if save_reference_stats is not None:
+        save_statistics(save_reference_stats, mu_ref, sigma_ref)
     mu, sigma = activation_statistics(samples, features, batch_size=batch_size, progress=progress)
     if mu.shape != mu_ref.shape:
         raise ValueError(f"samples give {mu.shape[0]}-d features but the reference statistics are "
