@@ -167,6 +167,21 @@ def test_resuming_with_other_settings_is_an_error(demo, tmp_path):
         sample_images(demo.wrapper, demo.vq, tmp_path, labels=torch.tensor([3, 3]), **kwargs, **SAMPLING)
 
 
+def test_a_failed_png_write_stops_the_run_and_leaves_no_partial_file(demo, tmp_path, monkeypatch):
+    original = PIL.Image.save
+
+    def save(image, fp, *args, **kwargs):
+        if str(fp).endswith(".000002.tmp.png"):
+            raise OSError("disk full")
+        return original(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "save", save)
+    with pytest.raises(OSError, match="disk full"):
+        sample_images(demo.wrapper, demo.vq, tmp_path, num_samples=4, batch_size=4, grid=demo.info["grid"],
+                      progress=False, **SAMPLING)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png", "000001.png", "000003.png"]
+
+
 def test_sampling_refuses_a_folder_with_foreign_images(demo, tmp_path):
     PIL.new("RGB", (4, 4)).save(tmp_path / "cat.png")
     with pytest.raises(ValueError, match="already holds PNG files but no eval_settings.json"):
@@ -176,6 +191,7 @@ def test_sampling_refuses_a_folder_with_foreign_images(demo, tmp_path):
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
     (dict(eval_size=0), ValueError, "eval_size must be >= 1"),
+    (dict(writers=0), ValueError, "writers must be >= 1"),
     (dict(rank=2, world_size=2), ValueError, r"rank must be in \[0, world_size\)"),
     (dict(labels=torch.tensor([1, 2, 3])), ValueError, "labels has 3 entries but num_samples is 2"),
     (dict(rank=1, world_size=2), RuntimeError, "rank 0 writes it first"),

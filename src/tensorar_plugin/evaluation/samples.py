@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,7 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], labels: torch.Tensor
 def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: int, batch_size: int = 64,
                   seed: int = 0, labels: str | torch.Tensor = "balanced", grid: int | Sequence[int] | None = None,
                   eval_size: int | None = None, rank: int = 0, world_size: int = 1, progress: bool = True,
-                  compile: bool | dict = False,
+                  compile: bool | dict = False, writers: int = 4,
                   extra_settings: dict[str, Any] | None = None, barrier: Callable[[], None] | None = None,
                   **sampling: Any) -> Path:
     """Draw `num_samples` images with `wrapper.generate` and write them as `out_dir/<index:06d>.png`.
@@ -93,7 +95,8 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
     Process `rank` of `world_size` draws batches `rank, rank + world_size, ...`; batches whose PNGs all
     exist are skipped (resume). Every batch is drawn at the full `batch_size` (the last one is cut),
     so a compiled step is built once. `sampling` goes to `generate` (cfg_scale, top_k, temperature, ...).
-    `eval_size` resizes the decoded images (bicubic, as LlamaGen evaluates its 384-px models at 256 px).
+    `eval_size` resizes the decoded images (bicubic, as LlamaGen evaluates its 384-px models at 256 px);
+    `writers` threads encode the PNGs while the next batch is sampled.
     The folder records the settings; resuming with different ones is an error. Returns `out_dir`.
     """
     from ..models.vq import tensor_to_uint8
@@ -101,6 +104,8 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if writers < 1:
+        raise ValueError(f"writers must be >= 1, got {writers}")
     if eval_size is not None and eval_size < 1:
         raise ValueError(f"eval_size must be >= 1, got {eval_size}")
     if not 0 <= rank < world_size:
@@ -129,7 +134,6 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
     if rank != 0:  # now recorded: every process checks that it continues the same run
         _prepare_folder(folder, settings, labels, create=False)
 
-    from PIL import Image
     from tqdm import tqdm
 
     device = next(wrapper.parameters()).device
@@ -139,25 +143,41 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
                                         for i in range(b * batch_size, min((b + 1) * batch_size, num_samples)))]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress or rank != 0, unit="batch",
                desc=f"sampling {num_samples} images")
-    for b in todo:
-        start, stop = b * batch_size, min((b + 1) * batch_size, num_samples)
-        # full-size batches: the last one is padded with the first samples' labels and cut after decoding
-        index = torch.arange(b * batch_size, (b + 1) * batch_size) % num_samples
-        gen = torch.Generator(device=device).manual_seed(batch_seed(seed, b))
-        tokens = wrapper.generate(labels[index].to(device), generator=gen, compile=compile, **sampling)
-        tokens = tokens[: stop - start]
-        decoded = decode_tokens(vq, tokens, grid).float()
-        if eval_size is not None and decoded.shape[-2:] != (eval_size, eval_size):
-            decoded = F.interpolate(decoded, size=(eval_size, eval_size), mode="bicubic")
-        images = tensor_to_uint8(decoded.clamp(-1, 1))
-        for offset, array in enumerate(images):
-            target = _image_path(folder, start + offset)
-            tmp = target.with_name(f".{target.stem}.tmp.png")
-            Image.fromarray(array).save(tmp)
-            tmp.replace(target)  # a PNG that exists is complete: an interrupted run never leaves half files
-        bar.update(1)
+    # PNG encoding (~10 ms per 256-px image) runs in threads while the next batch is sampled
+    with ThreadPoolExecutor(max_workers=writers) as pool:
+        pending: deque[Future] = deque()
+        for b in todo:
+            start, stop = b * batch_size, min((b + 1) * batch_size, num_samples)
+            # full-size batches: the last one is padded with the first samples' labels and cut after decoding
+            index = torch.arange(b * batch_size, (b + 1) * batch_size) % num_samples
+            gen = torch.Generator(device=device).manual_seed(batch_seed(seed, b))
+            tokens = wrapper.generate(labels[index].to(device), generator=gen, compile=compile, **sampling)
+            decoded = decode_tokens(vq, tokens[: stop - start], grid).float()
+            if eval_size is not None and decoded.shape[-2:] != (eval_size, eval_size):
+                decoded = F.interpolate(decoded, size=(eval_size, eval_size), mode="bicubic")
+            images = tensor_to_uint8(decoded.clamp(-1, 1))
+            _wait(pending, keep=batch_size)  # at most one batch of images waits in memory
+            pending.extend(pool.submit(_write_png, array, _image_path(folder, start + i))
+                           for i, array in enumerate(images))
+            bar.update(1)
+        _wait(pending, keep=0)
     bar.close()
     return folder
+
+
+def _write_png(array: np.ndarray, target: Path) -> None:
+    """Write atomically: a PNG that exists is complete, so an interrupted run never leaves half files."""
+    from PIL import Image
+
+    tmp = target.with_name(f".{target.stem}.tmp.png")
+    Image.fromarray(array).save(tmp)
+    tmp.replace(target)
+
+
+def _wait(pending: deque[Future], keep: int) -> None:
+    """Wait until at most `keep` writes are pending (raising the first failure)."""
+    while len(pending) > keep:
+        pending.popleft().result()
 
 
 def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
