@@ -443,6 +443,14 @@ def test_sample_npz_and_fid_commands(tmp_path, capsys):
     assert "FID 0.0000" in capsys.readouterr().out
 
 
+def test_sample_npz_refuses_to_resume_with_other_settings(tmp_path):
+    argv = ["sample-npz", "--num-samples", "2", "--batch-size", "2", "--out", str(tmp_path / "s"), "--threads", "1",
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    with pytest.raises(SystemExit, match=r"error: .* other settings \(top_k: 0 there, 5 now\)"):
+        cli_main(argv + ["--top-k", "5"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample-npz", "--num-samples", "0"], "--num-samples must be >= 1"),
     (["fid", "missing.npz", "."], "samples missing.npz does not exist"),

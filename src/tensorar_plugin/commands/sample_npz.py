@@ -80,12 +80,14 @@ def run(args) -> int:
         if rank == 0:
             print(f"sampling {args.num_samples} images from {desc} on {world} process(es) into {args.out}; "
                   + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
-        sample_images(wrapper, vq, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
-                      seed=args.seed, labels=args.labels, grid=grid, eval_size=args.eval_size, rank=rank,
-                      world_size=world,
-                      progress=not args.no_progress, compile=args.compile,
-                      extra_settings={"model": desc, "dtype": str(next(wrapper.parameters()).dtype)},
-                      barrier=dist.barrier if world > 1 else None, **settings)
+        try:
+            sample_images(wrapper, vq, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
+                          seed=args.seed, labels=args.labels, grid=grid, eval_size=args.eval_size, rank=rank,
+                          world_size=world, progress=not args.no_progress, compile=args.compile,
+                          extra_settings={"model": desc, "dtype": str(next(wrapper.parameters()).dtype)},
+                          barrier=dist.barrier if world > 1 else None, **settings)
+        except ValueError as err:  # bad settings, or a folder drawn with other settings
+            raise SystemExit(f"error: {err}") from None
         if world > 1:
             dist.barrier()
         if rank == 0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -203,19 +204,25 @@ def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     if missing:
         raise FileNotFoundError(f"{folder} lacks {len(missing)} of {num_samples} samples (first: "
                                 f"{_image_path(folder, missing[0]).name}); run the sampling again to finish it")
-    first = np.asarray(Image.open(_image_path(folder, 0)).convert("RGB"))
-    arr = np.empty((num_samples, *first.shape), dtype=np.uint8)
-    for i in tqdm(range(num_samples), disable=not progress, desc="packing", unit="img"):
-        image = np.asarray(Image.open(_image_path(folder, i)).convert("RGB"))
-        if image.shape != first.shape:
-            raise ValueError(f"{_image_path(folder, i)} is {image.shape[1]}x{image.shape[0]}, the others "
-                             f"{first.shape[1]}x{first.shape[0]}")
-        arr[i] = image
     out = Path(out) if out is not None else folder.with_suffix(".npz")
-    arrays = {"arr_0": arr}
-    if (folder / LABELS_NAME).is_file():
-        labels = np.load(folder / LABELS_NAME)
-        if len(labels) == num_samples:
-            arrays["arr_1"] = labels.astype(np.int64)
-    np.savez(out, **arrays)
+    first = np.asarray(Image.open(_image_path(folder, 0)).convert("RGB"))
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (num_samples, *first.shape)}
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    # streamed into the zip image by image: 50k 256-px images are 9.8 GB, never held in memory at once
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for i in tqdm(range(num_samples), disable=not progress, desc="packing", unit="img"):
+                image = np.asarray(Image.open(_image_path(folder, i)).convert("RGB"))
+                if image.shape != first.shape:
+                    raise ValueError(f"{_image_path(folder, i)} is {image.shape[1]}x{image.shape[0]}, the others "
+                                     f"{first.shape[1]}x{first.shape[0]}")
+                f.write(np.ascontiguousarray(image).tobytes())
+        if (folder / LABELS_NAME).is_file():
+            labels = np.load(folder / LABELS_NAME)
+            if len(labels) == num_samples:
+                with archive.open("arr_1.npy", "w") as f:
+                    np.lib.format.write_array(f, labels.astype(np.int64))
+    tmp.replace(out)
     return out
