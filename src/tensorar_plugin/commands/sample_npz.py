@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .sample import DTYPES, add_device_arguments, add_model_arguments, load_model
@@ -80,6 +81,7 @@ def run(args) -> int:
         if rank == 0:
             print(f"sampling {args.num_samples} images from {desc} on {world} process(es) into {args.out}; "
                   + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
+        started_at = time.perf_counter()
         try:
             sample_images(wrapper, vq, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                           seed=args.seed, labels=args.labels, grid=grid, eval_size=args.eval_size, rank=rank,
@@ -90,7 +92,10 @@ def run(args) -> int:
             raise SystemExit(f"error: {err}") from None
         if world > 1:
             dist.barrier()
+        elapsed = time.perf_counter() - started_at
         if rank == 0:
+            print(f"sampling took {elapsed:.1f} s on {world} process(es) (this run's batches only: a resumed run "
+                  "skips the finished ones)", file=sys.stderr)
             npz = pack_npz(args.out, args.npz, progress=not args.no_progress)
             print(f"wrote {npz} ({args.num_samples} images)")
             if args.reference:
