@@ -178,10 +178,10 @@ def activation_statistics(source, features: InceptionFeatures, *, batch_size: in
     count, total_sum, total_outer = 0, None, None
     with tqdm(total=total, disable=not progress, desc="Inception features", unit="img") as bar:
         for batch in batches:
-            feats = features(batch).cpu()
+            feats = features(batch)  # float64, accumulated where the network runs (a GPU is fast at this too)
             if total_sum is None:
-                total_sum = torch.zeros(feats.shape[1], dtype=torch.float64)
-                total_outer = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float64)
+                total_sum = feats.new_zeros(feats.shape[1])
+                total_outer = feats.new_zeros(feats.shape[1], feats.shape[1])
             total_sum += feats.sum(0)
             total_outer += feats.T @ feats
             count += len(feats)
@@ -190,7 +190,7 @@ def activation_statistics(source, features: InceptionFeatures, *, batch_size: in
         raise ValueError(f"FID statistics need at least 2 images, got {count}")
     mu = total_sum / count
     sigma = (total_outer - count * torch.outer(mu, mu)) / (count - 1)
-    return mu.numpy(), sigma.numpy()
+    return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
 def save_statistics(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray) -> Path:
