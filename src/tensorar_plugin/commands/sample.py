@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["register", "run", "add_model_arguments", "add_device_arguments", "load_model"]
+__all__ = ["register", "run", "add_model_arguments", "add_device_arguments", "add_sampling_arguments",
+           "sampling_settings", "load_model"]
 
 #: LlamaGen's demo classes (ImageNet ids), used for hub models when --classes is not given
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -34,11 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--history-out", type=Path, default=None, help="default: <out stem>_history.png")
     p.add_argument("--history-samples", type=int, default=8, help="samples shown in the history picture")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--draft", choices=("sample", "argmax"), default=None, help="how draft slots are chosen")
+    add_sampling_arguments(p)
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all demo classes)")
     p.add_argument("--per-class", "--batch", dest="per_class", type=int, default=8,
                    help="samples per class = images per row (default 8)")
@@ -60,6 +57,24 @@ def add_model_arguments(p) -> None:
     p.add_argument("--window", type=int, default=None,
                    help="window for a hub model without --tensorar parts: 1 (default) samples plainly; "
                         "larger windows add untrained parts that change nothing but speed")
+
+
+#: sampling settings with a flag each; unset flags take the model's defaults (`sampling_settings`)
+SAMPLING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p", "draft")
+
+
+def add_sampling_arguments(p) -> None:
+    """The sampling flags shared by `tensorar sample` and `tensorar sample-npz` (read by `sampling_settings`)."""
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--draft", choices=("sample", "argmax"), default=None, help="how draft slots are chosen")
+
+
+def sampling_settings(args, defaults: dict) -> dict:
+    """The sampling settings: each flag given, else the model's default."""
+    return {key: getattr(args, key) if getattr(args, key) is not None else defaults[key] for key in SAMPLING_KEYS}
 
 
 def add_device_arguments(p) -> None:
@@ -153,8 +168,7 @@ def run(args) -> int:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise SystemExit(f"error: class ids {bad} are outside [0, {num_classes - 1}]")
-    settings = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key]
-                for key in ("cfg_scale", "temperature", "top_k", "top_p", "draft")}
+    settings = sampling_settings(args, defaults)
     cond = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     print(f"sampling {len(cond)} images ({len(classes)} classes x {args.per_class}) from {desc} on {device}; "

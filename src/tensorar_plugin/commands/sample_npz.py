@@ -18,7 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from .sample import DTYPES, add_device_arguments, add_model_arguments, load_model
+from .sample import (
+    DTYPES,
+    add_device_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    load_model,
+    sampling_settings,
+)
 
 __all__ = ["register", "run"]
 
@@ -38,12 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-size", type=int, default=None,
                    help="resize images to this many pixels (bicubic; LlamaGen evaluates 384-px models at 256)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    add_sampling_arguments(p)
     p.add_argument("--cfg-interval", type=int, default=-1, help="guide only the first N tokens (-1: all)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--draft", choices=("sample", "argmax"), default=None, help="how draft slots are chosen")
     p.add_argument("--compile", action="store_true", help="compile the decode step (one CUDA graph per step)")
     p.add_argument("--reference", default=None,
                    help="reference .npz (mu/sigma or images) or image folder: also compute FID")
@@ -75,9 +78,7 @@ def run(args) -> int:
         wrapper, vq, grid, defaults, _, _, desc = load_model(args, device, dtype)
         if wrapper.adapter.num_classes is None:
             raise SystemExit("error: sample-npz draws class-conditional images; this model has no classes")
-        settings = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key]
-                    for key in ("cfg_scale", "temperature", "top_k", "top_p", "draft")}
-        settings["cfg_interval"] = args.cfg_interval
+        settings = {**sampling_settings(args, defaults), "cfg_interval": args.cfg_interval}
         if rank == 0:
             print(f"sampling {args.num_samples} images from {desc} on {world} process(es) into {args.out}; "
                   + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
