@@ -17,8 +17,9 @@ import math
 import os
 import zipfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,10 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], labels: torch.Tensor
                            "several processes sample into one folder)")
     if any(folder.glob("*.png")):
         raise ValueError(f"{folder} already holds PNG files but no {SETTINGS_NAME}: use an empty folder")
-    for path, write in ((labels_path, lambda f: np.save(f, labels.numpy())),  # settings last: they mark it done
-                        (settings_path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))):
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            write(f)
-        tmp.replace(path)
+    with _atomic(labels_path) as tmp:  # settings last: they mark the folder as set up
+        np.save(tmp, labels.numpy(), allow_pickle=False)
+    with _atomic(settings_path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
 def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: int, batch_size: int = 64,
@@ -166,13 +165,20 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
     return folder
 
 
+@contextmanager
+def _atomic(target: Path) -> Iterator[Path]:
+    """A hidden temporary path beside `target` (same suffix), renamed onto it when the block succeeds: a file
+    that exists is complete, so an interrupted run never leaves half-written samples or records."""
+    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
+    yield tmp
+    tmp.replace(target)
+
+
 def _write_png(array: np.ndarray, target: Path) -> None:
-    """Write atomically: a PNG that exists is complete, so an interrupted run never leaves half files."""
     from PIL import Image
 
-    tmp = target.with_name(f".{target.stem}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(target)
+    with _atomic(target) as tmp:
+        Image.fromarray(array).save(tmp)
 
 
 def _wait(pending: deque[Future], keep: int) -> None:
@@ -208,9 +214,8 @@ def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     first = np.asarray(Image.open(_image_path(folder, 0)).convert("RGB"))
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num_samples, *first.shape)}
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     # streamed into the zip image by image: 50k 256-px images are 9.8 GB, never held in memory at once
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with _atomic(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for i in tqdm(range(num_samples), disable=not progress, desc="packing", unit="img"):
@@ -224,5 +229,4 @@ def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None 
             if len(labels) == num_samples:
                 with archive.open("arr_1.npy", "w") as f:
                     np.lib.format.write_array(f, labels.astype(np.int64))
-    tmp.replace(out)
     return out
