@@ -171,6 +171,23 @@ def test_static_caches_are_reused_between_calls():
     assert wrapper.base_model.layers[0].attention.kv_cache.k_cache is first
 
 
+def test_drivers_sharing_one_model_never_reuse_each_others_cache_or_mask():
+    """A wrapper and `sample_plain` each build their own adapter over one model; the model's cache and
+    condition mask are shared, so reuse must be decided from the model's state, not an adapter's record."""
+    model = tiny_llamagen(model_type="t2i", cls_token_num=5)
+    wrapper = TensorARWrapper(model, window=2).eval()
+    caption = torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1]] * 4)
+    kwargs = dict(cfg_scale=2.0, greedy=True)
+    reference = sample_plain(model, caption, use_cache=False, **kwargs)
+    assert torch.equal(sample_plain(model, caption, **kwargs), reference)
+    wrapper.generate(caption, cond_mask=mask, **kwargs)  # masks the model's causal mask
+    assert torch.equal(sample_plain(model, caption, **kwargs), reference)  # the plain sampler's call unmasks it
+    wrapper_reference = wrapper.generate(caption, use_cache=False, **kwargs)
+    sample_plain(model, caption[:1], **kwargs)  # reallocates the model's cache for a smaller batch
+    assert torch.equal(wrapper.generate(caption, **kwargs), wrapper_reference)
+
+
 def test_caches_made_under_inference_mode_are_not_reused_outside_it():
     """Inference tensors cannot be updated outside inference mode: such caches are reallocated."""
     wrapper = wrapped(2)

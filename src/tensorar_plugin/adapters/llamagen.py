@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .base import BackboneAdapter, check_id_tensor, updatable_here
 
@@ -24,10 +23,6 @@ class LlamaGenAdapter(BackboneAdapter):
 
     required_attributes = ("tok_embeddings", "cls_embedding", "tok_dropout", "layers", "norm", "output",
                            "freqs_cis", "setup_caches", "cls_token_num", "model_type")
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self._cache_shape: tuple[int, int] | None = None
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -134,28 +129,28 @@ class LlamaGenAdapter(BackboneAdapter):
 
     def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None,
                      cond_mask: torch.Tensor | None = None) -> None:
+        # Reuse is decided from the model's own caches and mask, never from a record kept here: several
+        # adapters (a wrapper, `sample_plain`, LlamaGen's own `generate`) may drive one model in turn.
         dtype = dtype or self.dtype
-        attn = self.model.layers[0].attention
-        cache = attn.kv_cache
-        reusable = (self._cache_shape is not None and cache is not None and cache.k_cache.dtype == dtype
-                    and cache.k_cache.device == self.device and self._cache_shape[0] == batch_size
-                    and self._cache_shape[1] >= max_seq_length and updatable_here(cache.k_cache))
+        cache = self.model.layers[0].attention.kv_cache
+        mask = getattr(self.model, "causal_mask", None)
+        reusable = (cache is not None and mask is not None and cache.k_cache.dtype == dtype
+                    and cache.k_cache.device == self.device and cache.k_cache.shape[0] == batch_size
+                    and cache.k_cache.shape[2] >= max_seq_length and tuple(mask.shape[:1]) == (batch_size,)
+                    and mask.shape[-1] == cache.k_cache.shape[2] and updatable_here(cache.k_cache))
         if not reusable:  # static caches are reused: stale entries past the current position are masked out
             with torch.device(self.device):  # the reference allocates on the default device
                 self.model.setup_caches(batch_size, max_seq_length, dtype)
-            self._cache_shape = (batch_size, max_seq_length)
+        # rewrite the mask every call (one small copy): a previous call, by any driver, may have masked it
         length = self.model.causal_mask.shape[-1]
         if cond_mask is not None:
             self.model.causal_mask.copy_(self._masked_causal(length, cond_mask.to(self.device)))
-            self._masked = True
-        elif getattr(self, "_masked", False):  # undo a previous call's condition mask
+        else:
             self.model.causal_mask.copy_(torch.ones(length, length, dtype=torch.bool, device=self.device).tril())
-            self._masked = False
 
     def clear_caches(self) -> None:
         for layer in self.model.layers:
             layer.attention.kv_cache = None
-        self._cache_shape = None
 
     # -- validation --------------------------------------------------------------------------
     def check_condition(self, cond, batch_size: int | None = None, *, name: str = "cond") -> int:
