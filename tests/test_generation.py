@@ -390,6 +390,27 @@ def test_repeated_plain_sampling_compiles_once_and_reuses_its_cache():
     assert model.layers[0].attention.kv_cache.k_cache is cache  # static caches kept between calls
 
 
+def test_compiled_steps_are_keyed_by_their_functions_and_accept_nested_options():
+    """`generate_windows(compile=...)` with other heads must not reuse a step compiled around the first
+    ones; torch.compile's own nested `options` dict is a valid part of the key."""
+    from tensorar_plugin.generation import generate_windows
+
+    torch._dynamo.reset()
+    adapter = find_adapter(tiny_llamagen())
+    forced = torch.nn.functional.one_hot(torch.tensor(7), 64) * 100.0
+
+    def forced_logits(hidden):
+        return (adapter.head(hidden) + forced)[:, None]
+
+    options = {"backend": "eager", "fullgraph": True, "options": {"nested": {"value": 1}}}
+    kwargs = dict(window=1, embed_window=adapter.plain_embed_window, greedy=True, compile=options)
+    first = generate_windows(adapter, CLASSES, window_logits=adapter.plain_window_logits, **kwargs).tokens
+    assert torch.equal(first, sample_plain(adapter, CLASSES, greedy=True))
+    second = generate_windows(adapter, CLASSES, window_logits=forced_logits, **kwargs).tokens
+    assert torch.equal(second, torch.full_like(second, 7))
+    assert len(adapter._compiled_decode_steps) == 2
+
+
 def test_copies_of_a_compiled_wrapper_compile_their_own_step():
     """A deep copy (an EMA model) must not reuse steps traced from the original; pickling works."""
     import copy

@@ -235,12 +235,27 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: Wi
     # rule, batch size and options, kept on that owner: recompiling on every call would dominate the
     # runtime, and a step that has seen two batch sizes would be recompiled with a symbolic batch
     # (generic kernels, measurably slower); only the key length is left dynamic.
+    # The functions are part of the key (bound methods compare equal when their object and function do):
+    # a step compiled around one pair must never serve another.
     owner = getattr(embed_window, "__self__", adapter)
     cache = owner.__dict__.setdefault("_compiled_decode_steps", CompiledSteps())
-    key = (rule, batch, tuple(sorted(options.items())))
+    key = (rule, batch, _hashable(options), embed_window, window_logits)
     if key not in cache:
         cache[key] = _fresh_outputs(torch.compile(_own_code(step), **options))
     return cache[key]
+
+
+def _hashable(value: Any) -> Any:
+    """`value` as a hashable key: dicts (torch.compile's own `options`, say) and lists become sorted tuples."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set)):
+        return tuple(_hashable(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def _key_span(kv_len: int, device: torch.device) -> torch.Tensor:
@@ -312,8 +327,7 @@ def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cf
     try:
         return generate_windows(
             adapter, cond, window=1,
-            embed_window=lambda windows: adapter.embed_tokens(windows[..., 0]),
-            window_logits=lambda hidden: adapter.head(hidden)[:, None],
+            embed_window=adapter.plain_embed_window, window_logits=adapter.plain_window_logits,
             num_tokens=num_tokens, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
             top_k=top_k, top_p=top_p, greedy=greedy, generator=generator, use_cache=use_cache,
             progress=progress, compile=compile, cond_mask=cond_mask,

@@ -135,6 +135,16 @@ class BackboneAdapter(ABC):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: `[..., hidden_size]` -> float32 logits `[..., vocab_size]`."""
 
+    # plain next-token sampling as a window of one (methods, not lambdas: compiled decode steps are
+    # keyed by these functions, and a deep copy of the adapter must get its own)
+    def plain_embed_window(self, windows: torch.Tensor) -> torch.Tensor:
+        """Windows of one token `[B, L, 1]` -> their base embeddings `[B, L, hidden_size]`."""
+        return self.embed_tokens(windows[..., 0])
+
+    def plain_window_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states `[N, hidden_size]` -> logits of a window of one `[N, 1, vocab_size]`."""
+        return self.head(hidden)[:, None]
+
     @abstractmethod
     def setup_caches(self, batch_size: int, max_seq_length: int, dtype: torch.dtype | None = None) -> None:
         """Allocate static KV caches for `batch_size` sequences of up to `max_seq_length` positions."""
