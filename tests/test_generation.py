@@ -246,12 +246,26 @@ def test_progress_bar(capsys):
     [
         ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": 0.0}, "temperature"),
         ({"temperature": -1.0}, "temperature"), ({"cfg_scale": -0.5}, "cfg_scale"), ({"top_k": -2}, "top_k"),
+        ({"temperature": float("nan")}, "temperature"), ({"temperature": 1e-40}, "temperature"),
+        ({"temperature": True}, "temperature"), ({"cfg_scale": float("inf")}, "cfg_scale"),
+        ({"cfg_scale": 1e39}, "cfg_scale"), ({"top_p": float("nan")}, "top_p"), ({"top_k": 2.0}, "top_k"),
+        ({"greedy": "no"}, "greedy"),
         ({"num_tokens": 17}, "num_tokens"), ({"num_tokens": 0}, "num_tokens"), ({"draft": "beam"}, "draft"),
     ],
 )
 def test_invalid_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         wrapped(2).generate(CLASSES, **kwargs)
+
+
+def test_numpy_scalar_sampling_values_act_as_python_numbers():
+    import numpy as np
+
+    wrapper = wrapped(2)
+    kwargs = dict(cfg_scale=2.0, temperature=0.8, top_p=0.9, top_k=5)
+    as_numpy = {key: (np.int64(v) if isinstance(v, int) else np.float32(v)) for key, v in kwargs.items()}
+    assert torch.equal(wrapper.generate(CLASSES, generator=torch.Generator().manual_seed(0), **as_numpy),
+                       wrapper.generate(CLASSES, generator=torch.Generator().manual_seed(0), **kwargs))
 
 
 def test_invalid_conditions():

@@ -90,7 +90,8 @@ def generate_windows(
     breaks; on CUDA the default mode is "reduce-overhead" (CUDA graphs). `cond_mask` `[B, n_cond]`
     (1 = real token) hides padded condition positions, like LlamaGen's `emb_masks` for text.
     """
-    check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, greedy=greedy)
+    temperature, top_k, top_p, cfg_scale = float(temperature), int(top_k), float(top_p), float(cfg_scale)
     if draft not in DRAFT_MODES:
         raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
     if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool):
@@ -318,7 +319,8 @@ def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cf
     """Plain next-token sampling of `model` (LlamaGen `generate()` semantics); image tokens `[B, T]`.
 
     `model` is any model an adapter accepts (or a `BackboneAdapter`). Guidance, temperature, top-k
-    and top-p follow LlamaGen; `cfg_scale == 1` runs no null batch.
+    and top-p follow LlamaGen; `cfg_scale == 1` runs no null batch. Unlike LlamaGen, which ignores
+    scales up to 1, every `cfg_scale != 1` is applied (`0` samples unconditionally).
     """
     adapter = _plain_adapter(model)
     module = adapter.model

@@ -9,22 +9,48 @@ step samples from the same generator.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 __all__ = ["check_sampling_args", "filter_logits", "sample_tokens", "guided_logits", "race_noise"]
 
 
+#: below this temperature `logits / temperature` overflows float32 for ordinary logits; greedy is meant
+MIN_TEMPERATURE = 1e-4
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _real(value) -> float | None:
+    """`value` as a float if it is a real number (numpy scalars included, bools not) finite in float32."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and abs(value) <= _FLOAT32_MAX else None
+
+
 def check_sampling_args(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        cfg_scale: float = 1.0) -> None:
-    """Raise `ValueError` naming the argument for values outside their ranges."""
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+                        cfg_scale: float = 1.0, greedy: bool = False) -> None:
+    """Raise `ValueError` naming the argument for values outside their ranges.
+
+    Sampling values are carried to the device as float32, so they must be finite there; a temperature
+    below `MIN_TEMPERATURE` would overflow the scaled logits (use `greedy=True` for argmax decoding).
+    """
+    value = _real(temperature)
+    if value is None or value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (greedy=True for argmax "
+                         f"decoding), got {temperature!r}")
+    if not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    value = _real(top_p)
+    if value is None or not 0 < value <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not (isinstance(cfg_scale, (int, float)) and cfg_scale >= 0):
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+    value = _real(cfg_scale)
+    if value is None or value < 0:
+        raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+    if not isinstance(greedy, bool):
+        raise ValueError(f"greedy must be True or False, got {greedy!r}")
 
 
 def guided_logits(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
