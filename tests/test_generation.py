@@ -228,8 +228,16 @@ def test_cfg_interval_switches_guidance_off_after_the_interval():
 
 def test_generate_restores_training_mode_and_runs_in_bf16():
     wrapper = wrapped(4).train()
+    wrapper.base_model.eval()  # a frozen backbone kept in eval mode while the new parts train
     wrapper.generate(CLASSES, num_tokens=4)
-    assert wrapper.training
+    assert wrapper.training and wrapper.encoder.training and not wrapper.base_model.training
+    from tensorar_plugin.models.llamagen import KVCache  # made during generation, holds no behaviour
+
+    assert not any(module.training for module in wrapper.base_model.modules() if not isinstance(module, KVCache))
+    model = tiny_llamagen().train()
+    model.layers[0].eval()
+    sample_plain(model, CLASSES, num_tokens=4)
+    assert model.training and not model.layers[0].training and model.layers[1].training
     bf16 = wrapped(4).to(torch.bfloat16)
     tokens = bf16.generate(CLASSES, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (4, 16) and tokens.dtype == torch.long

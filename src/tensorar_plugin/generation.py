@@ -8,10 +8,11 @@ steps and `T` cache positions, as in plain next-token sampling, which is the `wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -21,7 +22,7 @@ from .adapters import BackboneAdapter, find_adapter
 from .noise import PAD_ID
 from .sampling import check_sampling_args, guided_logits, race_noise, sample_tokens
 
-__all__ = ["GenerationOutput", "WindowRule", "generate_windows", "sample_plain", "check_cond_mask"]
+__all__ = ["GenerationOutput", "WindowRule", "generate_windows", "sample_plain", "check_cond_mask", "evaluating"]
 
 DRAFT_MODES = ("sample", "argmax")
 #: decode steps attend to the filled KV cache rounded up to this many positions (adapters with `supports_kv_len`):
@@ -32,6 +33,19 @@ _STEP_IDS = itertools.count()  # names the code of each compiled decode step apa
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put `module` in eval mode for the block, then give every submodule back its own previous mode
+    (`module.train(was_training)` would also flip a deliberately frozen, eval-mode backbone)."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for sub, training in modes:
+            sub.training = training
 
 
 class GenerationOutput(NamedTuple):
@@ -323,10 +337,7 @@ def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cf
     scales up to 1, every `cfg_scale != 1` is applied (`0` samples unconditionally).
     """
     adapter = _plain_adapter(model)
-    module = adapter.model
-    was_training = module.training
-    module.eval()
-    try:
+    with evaluating(adapter.model):
         return generate_windows(
             adapter, cond, window=1,
             embed_window=adapter.plain_embed_window, window_logits=adapter.plain_window_logits,
@@ -334,5 +345,3 @@ def sample_plain(model, cond: torch.Tensor, num_tokens: int | None = None, *, cf
             top_k=top_k, top_p=top_p, greedy=greedy, generator=generator, use_cache=use_cache,
             progress=progress, compile=compile, cond_mask=cond_mask,
         ).tokens
-    finally:
-        module.train(was_training)

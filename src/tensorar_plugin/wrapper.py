@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 
 from .adapters import BackboneAdapter, find_adapter
-from .generation import GenerationOutput, check_cond_mask, generate_windows
+from .generation import GenerationOutput, check_cond_mask, evaluating, generate_windows
 from .heads import TensorDecoder, TensorEncoder
 from .noise import ADAPTIVE, SCHEDULES, discrete_tensor_noise
 from .sampling import sample_tokens
@@ -342,9 +342,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         `history[b, t]` lists the `k` predictions of position `t` from coarsest draft to final.
         `compile=True` (or `torch.compile` options) compiles the decode step.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             out: GenerationOutput = generate_windows(
                 self.adapter, cond, window=self.window, embed_window=self.embed_windows,
                 window_logits=self.sampling_logits, num_tokens=num_tokens, cfg_scale=cfg_scale,
@@ -352,8 +350,6 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                 draft=draft, generator=generator, use_cache=use_cache, return_history=return_history,
                 progress=progress, compile=compile, cond_mask=cond_mask,
             )
-        finally:
-            self.train(was_training)
         return out if return_history else out.tokens
 
     # -- checkpoints -------------------------------------------------------------------------------
