@@ -247,6 +247,50 @@ def test_adaptive_noise_follows_the_models_own_draft_accuracy():
     assert "encoder.draft_accuracy" in wrapper.tensorar_state_dict()
 
 
+def test_deferred_draft_accuracy_pools_micro_batches_into_one_update():
+    """With `defer_draft_accuracy` (the Trainer's setting) two micro-batches make one EMA update with the
+    token-weighted mean of both, as one forward over the whole batch would."""
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(), window=3, noise_schedule="adaptive",
+                                             adaptive_momentum=0.5)).train()
+    wrapper.defer_draft_accuracy = True
+    tokens, cond = batch()
+    outs = [wrapper(tokens[half], cond[half], generator=torch.Generator().manual_seed(0))
+            for half in (slice(0, 2), slice(2, None))]
+    assert torch.equal(wrapper.encoder.draft_accuracy, torch.zeros(3))  # nothing folded in yet
+    wrapper.update_draft_accuracy()
+    hits = torch.zeros(3)
+    count = torch.zeros(3)
+    for out in outs:
+        valid = out.targets != IGNORE_INDEX
+        p_target = out.logits.softmax(-1).gather(-1, out.targets.clamp(min=0)[..., None])[..., 0]
+        hits += (p_target * valid).sum(dim=(0, 1)).detach()
+        count += valid.sum(dim=(0, 1))
+    torch.testing.assert_close(wrapper.encoder.draft_accuracy, 0.5 * hits / count)
+    wrapper.update_draft_accuracy()  # nothing pending: no change
+    torch.testing.assert_close(wrapper.encoder.draft_accuracy, 0.5 * hits / count)
+
+
+def test_draft_accuracy_stays_float32_in_a_bf16_model():
+    """A momentum-0.99 EMA cannot move in bfloat16 (0.99 * a + 0.01 * hit rounds back to a)."""
+    wrapper = TensorARWrapper(tiny_llamagen(), window=3, noise_schedule="adaptive").to(torch.bfloat16)
+    accuracy = wrapper.encoder.draft_accuracy
+    assert accuracy.dtype == torch.float32 and wrapper.encoder.in_proj.weight.dtype == torch.bfloat16
+    for _ in range(300):
+        wrapper._track_draft_accuracy(torch.full((1, 4, 3), 0.5108), torch.zeros(1, 4, 3, dtype=torch.long))
+    torch.testing.assert_close(accuracy, torch.full((3,), 0.6 * (1 - 0.99 ** 300)), atol=1e-3, rtol=0)
+
+
+def test_config_argument_is_not_changed_and_clashing_settings_are_refused():
+    from tensorar_plugin import TensorARConfig
+
+    config = TensorARConfig(window=2)
+    wrapper = TensorARWrapper(tiny_llamagen(), config=config, freeze_backbone=True)
+    assert wrapper.window == 2 and config.hidden_dim is None and config.base_hidden_size is None
+    assert TensorARWrapper(tiny_llamagen(dim=48), config=config).config.base_hidden_size == 48
+    with pytest.raises(ValueError, match="window, max_noise were also given"):
+        TensorARWrapper(tiny_llamagen(), window=8, max_noise=0.1, config=config)
+
+
 def test_adaptive_beta_drives_the_replacement_rate():
     from tensorar_plugin.noise import discrete_tensor_noise
 

@@ -307,6 +307,7 @@ class Trainer:
         if device is not None:
             cfg.device = str(device)
         self.wrapper = wrapper
+        wrapper.defer_draft_accuracy = True  # `adaptive` noise moves once per optimizer step (`_train_step`)
         self.dataset = dataset
         self._owns_process_group = init_distributed(cfg.device)
         self.rank, self.world_size, self.local_rank = distributed_info()
@@ -398,7 +399,8 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # buffers (rotary tables, slot weights) never change: no need to sync them every forward
+        # buffers (rotary tables, slot weights) never change, and the one that does (the adaptive schedule's
+        # draft accuracy) is all-reduced by `update_draft_accuracy`: no need to sync them every forward
         params = inspect.signature(DistributedDataParallel).parameters
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
         return DistributedDataParallel(wrapper, device_ids=device_ids, **no_sync)
@@ -498,6 +500,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.wrapper.update_draft_accuracy()  # `adaptive` noise: one update per step, equal on every rank
         if self.ema is not None:
             self._update_ema()
         self.step += 1

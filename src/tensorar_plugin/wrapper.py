@@ -9,6 +9,8 @@ With the new parts at their initial values the wrapped model computes exactly wh
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,26 @@ class TensorAROutput:
     slot_losses: torch.Tensor  # mean cross-entropy of each slot `[k]`, detached, for logging
 
 
+def _differs(value: Any, default: Any) -> bool:
+    if value is default:
+        return False
+    try:
+        return bool(value != default)
+    except (TypeError, RuntimeError):  # tensors and other values without a plain truth value
+        return True
+
+
+def _refuse_arguments_beside_config(arguments: dict[str, Any]) -> None:
+    """`config=` defines every TensorAR setting: any of them also passed (not at its default) is an error,
+    rather than silently losing to the config."""
+    defaults = inspect.signature(TensorARWrapper.__init__).parameters
+    names = [f.name for f in fields(TensorARConfig) if f.name in defaults]
+    clashes = [name for name in names if _differs(arguments[name], defaults[name].default)]
+    if clashes:
+        raise ValueError(f"pass either config= or the settings it holds, not both: {', '.join(clashes)} "
+                         f"{'was' if len(clashes) == 1 else 'were'} also given")
+
+
 class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                       tags=["tensorar", "autoregressive-image-generation"],
                       repo_url="https://pypi.org/project/tensorar-plugin/"):
@@ -148,6 +170,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                 adaptive_momentum=adaptive_momentum, draft_source=draft_source,
             )
         else:
+            _refuse_arguments_beside_config(locals())
+            config = dataclasses.replace(config)  # filled in below: the caller's object stays as it was
             self._schedule = config.noise_schedule
         dim = self.adapter.hidden_size
         if config.base_hidden_size is not None and config.base_hidden_size != dim:
@@ -177,6 +201,9 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         self.set_backbone_frozen(freeze_backbone)
         # The hub mixin would write the constructor arguments to config.json; ours is tensorar_config.json.
         self._hub_mixin_config = None
+        #: hold the draft accuracy of training forwards until `update_draft_accuracy()` (see there)
+        self.defer_draft_accuracy = False
+        self._pending_accuracy: torch.Tensor | None = None
 
     # -- introspection -------------------------------------------------------------------------
     @property
@@ -309,11 +336,43 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
 
     @torch.no_grad()
     def _track_draft_accuracy(self, per_token_ce: torch.Tensor, targets: torch.Tensor) -> None:
-        """EMA of the probability that a draft sampled from slot `j` is the true token (`E[p(target)]`)."""
+        """EMA of the probability that a draft sampled from slot `j` is the true token (`E[p(target)]`).
+
+        Updated on every training forward, or, with `defer_draft_accuracy = True` (the `Trainer` sets it),
+        summed until `update_draft_accuracy()` folds one optimizer step's worth in, over every process.
+        """
         valid = targets != IGNORE_INDEX
-        hit = (torch.exp(-per_token_ce) * valid).sum(dim=(0, 1)) / valid.sum(dim=(0, 1)).clamp_min(1)
+        sums = torch.stack([(torch.exp(-per_token_ce.float()) * valid).sum(dim=(0, 1)), valid.sum(dim=(0, 1))])
+        self._pending_accuracy = sums if self._pending_accuracy is None else self._pending_accuracy + sums
+        if not self.defer_draft_accuracy:
+            self.update_draft_accuracy(process_group=False)
+
+    @torch.no_grad()
+    def update_draft_accuracy(self, process_group=None) -> None:
+        """Fold the draft accuracy gathered since the last call into the `adaptive` schedule's EMA.
+
+        Under `torch.distributed` the sums of all processes of `process_group` (default: the world) are
+        added first, so every process holds the same estimate, whatever the number of processes or
+        micro-batches; `process_group=False` uses this process's sums alone.
+        """
+        pending, self._pending_accuracy = self._pending_accuracy, None
+        accuracy = getattr(self.encoder, "draft_accuracy", None)
+        if pending is None or accuracy is None:
+            return
+        if process_group is not False and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(pending, group=process_group)
+        hit = pending[0] / pending[1].clamp_min(1)
         momentum = self.config.adaptive_momentum
-        self.encoder.draft_accuracy.mul_(momentum).add_(hit.to(self.encoder.draft_accuracy), alpha=1 - momentum)
+        accuracy.mul_(momentum).add_(hit.to(accuracy), alpha=1 - momentum)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(torch.bfloat16)` would cast the draft-accuracy EMA too, and a momentum-0.99 average
+        # cannot move in bfloat16: it stays float32 wherever the model goes
+        super()._apply(fn, recurse)
+        encoder = self.encoder
+        if encoder is not None and "draft_accuracy" in encoder._buffers:
+            encoder._buffers["draft_accuracy"] = encoder._buffers["draft_accuracy"].float()
+        return self
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor):
         vocab = logits.shape[-1]
