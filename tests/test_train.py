@@ -180,6 +180,65 @@ def test_config_validation(tmp_path):
         Trainer(make_wrapper(), random_dataset(n=4), config(tmp_path))
     with pytest.raises(RuntimeError, match="needs a process group"):
         Trainer(make_wrapper(), random_dataset(), config(tmp_path, fsdp=True))
+    for clip in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="grad_clip"):
+            TrainConfig(grad_clip=clip)
+    with pytest.raises(ValueError, match="save_backbone=False, but the backbone is trained"):
+        Trainer(make_wrapper(), random_dataset(), config(tmp_path, save_backbone=False))
+    Trainer(make_wrapper(freeze_backbone=True), random_dataset(), config(tmp_path, save_backbone=False))
+
+
+@pytest.mark.parametrize(("bad_code", "bad_label", "match"), [
+    (64, 9, "ids outside the codebook"),
+    (63, 10, "labels must lie in"),  # 10 is the null class: 1-based labels would train unconditionally
+    (63, 11, "class ids outside"),
+])
+def test_training_data_outside_the_model_is_refused_naming_it(tmp_path, bad_code, bad_label, match):
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 64, (8, 16), generator=gen)
+    labels = torch.randint(0, 10, (8,), generator=gen)
+    codes[3, 5], labels[2] = bad_code, bad_label
+    data = TokenDataset(codes, labels)
+    with pytest.raises(ValueError, match=f"training data does not fit the model: .*{match}"):
+        Trainer(make_wrapper(), data, config(tmp_path, max_steps=1)).train()
+
+
+def test_trainer_keeps_prompt_id_conditions_whole(tmp_path):
+    """Integer conditions of more than one position (prompt ids) must not be flattened like [B, 1] labels."""
+    from test_hf_adapter import tiny_llama  # a Llama LM over [prompt ids] + [image ids]
+
+    gen = torch.Generator().manual_seed(0)
+    wrapper = TensorARWrapper(tiny_llama(), window=2)
+    data = torch.utils.data.TensorDataset(torch.randint(0, 100, (8, 8), generator=gen),
+                                          torch.randint(0, 100, (8, 3), generator=gen))
+    metrics = Trainer(wrapper, data, config(tmp_path, max_steps=1, batch_size=4)).train()
+    assert math.isfinite(metrics["loss"])
+
+
+def test_resume_applies_a_changed_schedule_and_learning_rate_with_a_warning(tmp_path):
+    """Extending a cosine run: the new max_steps and lr win over the checkpoint's (and say so)."""
+    data = random_dataset()
+    opts = dict(lr_schedule="cosine", ckpt_every=2)
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=4, **opts)).train()
+    with pytest.warns(UserWarning, match=r"max_steps 4 -> 8, lr 0.001 -> 0.002"):
+        trainer = Trainer(make_wrapper(), data, config(tmp_path, max_steps=8, lr=2e-3, resume_from="latest", **opts))
+    assert trainer.step == 4
+    expected = 2e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    before = {k: v.clone() for k, v in trainer.wrapper.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.wrapper.state_dict().items())
+
+
+def test_final_is_written_when_a_finished_run_stopped_before_writing_it(tmp_path):
+    data = random_dataset()
+    trainer = Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, ckpt_every=2))
+    trainer.train()
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "final")  # as if killed between the last checkpoint and save_final
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, ckpt_every=2, resume_from="latest")).train()
+    assert (tmp_path / "run" / "final" / "tensorar_config.json").is_file()
 
 
 def test_global_batch_sampler_shards_each_global_batch():

@@ -114,8 +114,8 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 or None, got {self.grad_clip!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip must be a finite number >= 0 (0 disables it) or None, got {self.grad_clip!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -159,6 +159,13 @@ class _LRLambda:
 
     def __init__(self, warmup_steps: int, max_steps: int, schedule: str, min_ratio: float):
         self.warmup_steps, self.max_steps, self.schedule, self.min_ratio = warmup_steps, max_steps, schedule, min_ratio
+
+    def settings(self) -> dict[str, Any]:
+        """The settings the factors depend on (a constant schedule ignores `max_steps` and `min_ratio`)."""
+        used = {"warmup_steps": self.warmup_steps, "schedule": self.schedule}
+        if self.schedule != "constant":
+            used.update(max_steps=self.max_steps, min_ratio=self.min_ratio)
+        return used
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -330,6 +337,10 @@ class Trainer:
         self.param_names = [n for n, p in wrapper.named_parameters() if p.requires_grad]
         if not self.param_names:
             raise ValueError("the wrapper has no trainable parameters")
+        if cfg.save_backbone is False and any(p.requires_grad for p in wrapper.base_model.parameters()):
+            raise ValueError("save_backbone=False, but the backbone is trained: its checkpoints and final weights "
+                             "would lose the backbone's updates; freeze it (freeze_backbone=True) or save it")
+        self._class_labels = wrapper.adapter.num_classes is not None
         params = dict(wrapper.named_parameters())
         decay = [n for n in self.param_names if params[n].ndim >= 2]
         no_decay = [n for n in self.param_names if params[n].ndim < 2]
@@ -480,9 +491,12 @@ class Trainer:
         tokens = 0
         for micro in range(accum):
             codes, cond = next(batches)
-            codes = codes.reshape(codes.shape[0], -1).to(self.device, non_blocking=True)
-            if not cond.dtype.is_floating_point:
-                cond = cond.reshape(-1)
+            codes = codes.reshape(codes.shape[0], -1)
+            if self._class_labels and cond.dim() == 2 and cond.shape[1] == 1:
+                cond = cond[:, 0]  # labels stored as [1] arrays per item (LlamaGen's layout)
+            if codes.device.type == "cpu" and cond.device.type == "cpu":  # checked before the copy: no device sync
+                self._check_batch(codes, cond)
+            codes = codes.to(self.device, non_blocking=True)
             cond = cond.to(self.device, non_blocking=True)
             with self._sync_context(micro == accum - 1):
                 with self._autocast():
@@ -507,6 +521,19 @@ class Trainer:
         return {"loss": loss_sum / accum, "slot_losses": slot_sum / accum, "grad_norm": grad_norm,
                 "lr": float(lr), "tokens": tokens}
 
+    def _check_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> None:
+        """Token ids and conditions of a (CPU) batch, with errors that name the data rather than an
+        index error inside the embedding (a device-side assert on CUDA)."""
+        try:
+            self.wrapper._check_tokens(codes)
+            self.wrapper.adapter.check_condition(cond, codes.shape[0])
+            classes = self.wrapper.adapter.num_classes
+            if self._class_labels and cond.numel() and int(cond.max()) >= classes:
+                raise ValueError(f"labels must lie in [0, {classes - 1}], got {int(cond.max())} (id {classes} is "
+                                 f"the null class that label dropout uses; were the labels 1-based?)")
+        except ValueError as error:
+            raise ValueError(f"the training data does not fit the model: {error}") from None
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = self.config.ema_decay
@@ -530,6 +557,8 @@ class Trainer:
             (self.out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if self.step >= stop:
             self._log(f"already at step {self.step}; nothing to train (stop at {stop})")
+            if self.step >= cfg.max_steps and not self._final_written():
+                self.save_final()  # the run ended after its last checkpoint but before writing final/
             return self.last_metrics
         self.wrapper.train()
         batches = self._micro_batches(self.step)
@@ -704,6 +733,13 @@ class Trainer:
         for _, path in found[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
 
+    def _final_written(self) -> bool:
+        """Whether `out_dir/final` holds a saved model (rank 0 looks; every rank gets its answer)."""
+        written = [(self.out_dir / "final" / CONFIG_NAME).is_file()]
+        if self.world_size > 1:
+            dist.broadcast_object_list(written, src=0)
+        return bool(written[0])
+
     def save_final(self, directory: str | os.PathLike[str] | None = None) -> Path:
         """Write the trained weights (and `ema/`) with `save_pretrained` to `directory` (default `out_dir/final`)."""
         target = Path(directory) if directory is not None else self.out_dir / "final"
@@ -742,6 +778,7 @@ class Trainer:
         self._load_weights(directory)
         self._load_optimizer(state, tensors, state_path)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_requested_hyperparameters(directory)
         if self.ema is not None:
             self._load_ema(tensors, directory)
         self._load_rng(state, tensors)
@@ -757,6 +794,36 @@ class Trainer:
             self._truncate_metrics()
         self._log(f"resumed from {directory} at step {self.step}")
         return directory
+
+    def _apply_requested_hyperparameters(self, directory: Path) -> None:
+        """Loading the optimizer and scheduler brings back the checkpoint's learning rate, schedule and
+        AdamW settings. Where this run's config asks for others (extending a cosine run to more steps,
+        say) the config wins, with a warning: the run then no longer continues the original exactly."""
+        cfg = self.config
+        requested = _LRLambda(cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio)
+        saved = self.scheduler.lr_lambdas[0]
+        changes = [f"{key} {getattr(saved, key, None)!r} -> {value!r}" for key, value in requested.settings().items()
+                   if getattr(saved, key, None) != value]
+        if self.scheduler.base_lrs[0] != cfg.lr:
+            changes.append(f"lr {self.scheduler.base_lrs[0]!r} -> {cfg.lr!r}")
+        decays = (cfg.weight_decay, 0.0)
+        for group, decay in zip(self.optimizer.param_groups, decays, strict=True):
+            wanted = {"weight_decay": decay, "betas": tuple(cfg.betas), "eps": cfg.eps}
+            for key, value in wanted.items():
+                current = tuple(group[key]) if key == "betas" else group[key]
+                if current != value:
+                    changes.append(f"{key} {current!r} -> {value!r}")
+                group[key] = value
+        self.scheduler.lr_lambdas = [requested] * len(self.optimizer.param_groups)  # same factors if unchanged
+        if not changes:
+            return
+        warnings.warn(f"{directory} was trained with other optimizer settings; continuing with this run's: "
+                      f"{', '.join(dict.fromkeys(changes))}", stacklevel=3)
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        factor = requested(self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _load_weights(self, directory: Path) -> None:
         config_path = directory / CONFIG_NAME
