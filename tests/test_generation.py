@@ -278,6 +278,10 @@ def test_numpy_scalar_sampling_values_act_as_python_numbers():
 
 def test_invalid_conditions():
     wrapper = wrapped(2)
+    with pytest.raises(ValueError, match="cond must hold a batch of at least one condition"):
+        wrapper.generate(torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens holds an empty batch"):
+        wrapper(torch.zeros(0, 16, dtype=torch.long), torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match=r"^cond holds class ids outside \[0, 10\] \(min 0, max 11\)$"):
         wrapper.generate(torch.tensor([0, 11]))
     with pytest.raises(ValueError, match=r"^cond must be a 1-D integer tensor of class ids, got shape \(2,\) "
@@ -496,3 +500,6 @@ def test_condition_mask_hides_padded_text_tokens_in_generation_and_training():
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="cond_mask"):
         wrapper.generate(caption, cond_mask=mask[:, :3])
+    with pytest.raises(ValueError, match="cond_mask must hold only 1"):
+        wrapper.generate(caption, cond_mask=mask * 0.3)
+    assert torch.equal(wrapper.generate(caption, cond_mask=mask.float(), **kwargs), masked)

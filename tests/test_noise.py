@@ -52,6 +52,19 @@ def test_bad_schedule_arguments(kwargs, match):
         noise_schedule(**kwargs)
 
 
+def test_bad_noise_arguments_and_list_beta():
+    windows = torch.randint(0, 64, (3, 4))
+    for size in (0, 2.5, True):
+        with pytest.raises(ValueError, match="codebook_size must be an integer"):
+            discrete_tensor_noise(windows, size)
+    with pytest.raises(ValueError, match="beta must hold 4 probabilities"):
+        discrete_tensor_noise(windows, 64, beta=torch.tensor([0.0, float("nan"), 0.5, 1.0]))
+    as_list = discrete_tensor_noise(windows, 64, beta=[0.0, 0.0, 1.0, 1.0], generator=torch.Generator().manual_seed(0))
+    as_tensor = discrete_tensor_noise(windows, 64, beta=torch.tensor([0.0, 0.0, 1.0, 1.0]),
+                                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(as_list, as_tensor) and torch.equal(as_list[:, :2], windows[:, :2])
+
+
 # Derandomized examples and a generator seeded from the shape keep this statistical test deterministic.
 @settings(max_examples=15, deadline=None, derandomize=True, database=None)
 @given(window=st.integers(2, 6), rows=st.integers(1, 3), schedule=st.sampled_from(sorted(SCHEDULES)))

@@ -183,6 +183,10 @@ def test_config_validation(tmp_path):
     for clip in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="grad_clip"):
             TrainConfig(grad_clip=clip)
+    for name, value in (("lr", "1e-3"), ("keep_checkpoints", 1.5), ("eps", -1.0), ("shuffle", "no"),
+                        ("out_dir", None), ("min_lr_ratio", float("nan"))):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: value})
     with pytest.raises(ValueError, match="save_backbone=False, but the backbone is trained"):
         Trainer(make_wrapper(), random_dataset(), config(tmp_path, save_backbone=False))
     Trainer(make_wrapper(freeze_backbone=True), random_dataset(), config(tmp_path, save_backbone=False))
@@ -253,6 +257,12 @@ def test_global_batch_sampler_shards_each_global_batch():
     assert list(GlobalBatchSampler(20, 8, seed=3, epoch=1, start_batch=1)) == single[1:]
     assert list(GlobalBatchSampler(20, 8, seed=3, epoch=2)) != single
     assert list(GlobalBatchSampler(8, 4, shuffle=False)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for kwargs, match in ((dict(rank=2, world_size=2), "rank must be"), (dict(world_size=0), "world_size"),
+                          (dict(grad_accum_steps=0), "grad_accum_steps")):
+        with pytest.raises(ValueError, match=match):
+            GlobalBatchSampler(8, 4, **kwargs)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        GlobalBatchSampler(8, 0)
 
 
 # -- the command line ---------------------------------------------------------------------------------

@@ -220,6 +220,8 @@ def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: in
     if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != expected:
         raise ValueError(f"cond_mask must have shape {expected} (batch, condition tokens), got "
                          f"{tuple(getattr(cond_mask, 'shape', ()))}")
+    if cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
+        raise ValueError("cond_mask must hold only 1 (real token) and 0 (padding)")
     cond_mask = cond_mask.to(adapter.device).bool()
     return torch.cat([cond_mask, cond_mask]) if guided else cond_mask
 

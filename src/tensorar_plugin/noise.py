@@ -94,12 +94,13 @@ def discrete_tensor_noise(windows: torch.Tensor, codebook_size: int, schedule: S
         raise ValueError(f"windows must be an integer tensor of token ids, got dtype {windows.dtype}")
     if windows.dim() < 1:
         raise ValueError("windows must have a last dimension of size k")
-    if codebook_size < 1:
-        raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
+    if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+        raise ValueError(f"codebook_size must be an integer >= 1, got {codebook_size!r}")
     if beta is None:
         beta = noise_schedule(windows.shape[-1], schedule, max_noise=max_noise, device=windows.device)
     else:
-        if beta.shape != windows.shape[-1:] or bool(((beta < 0) | (beta > 1)).any()):
+        beta = torch.as_tensor(beta, dtype=torch.float32)
+        if beta.shape != windows.shape[-1:] or not bool(((beta >= 0) & (beta <= 1)).all()):  # NaN fails too
             raise ValueError(f"beta must hold {windows.shape[-1]} probabilities in [0, 1], got {beta}")
         beta = torch.cat([beta.new_zeros(1), beta[1:]]).to(windows.device, torch.float32)
     draws = torch.rand(windows.shape, generator=generator, device=windows.device)

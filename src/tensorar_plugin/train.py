@@ -108,7 +108,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        if self.lr <= 0 or not math.isfinite(self.lr):
+        for name in ("lr", "weight_decay", "min_lr_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.lr <= 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -124,8 +128,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1 or None, got {self.keep_checkpoints!r}")
+        keep = self.keep_checkpoints
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep_checkpoints must be an integer >= 1 or None, got {keep!r}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
+        for name in ("shuffle", "fsdp", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.out_dir, (str, os.PathLike)):
+            raise ValueError(f"out_dir must be a path, got {self.out_dir!r}")
+        self.out_dir = str(self.out_dir)
         if self.mixed_precision in ("fp32", "none", "float32"):
             self.mixed_precision = "no"
         if self.mixed_precision not in PRECISIONS:
@@ -251,6 +264,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __init__(self, dataset_len: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
                  grad_accum_steps: int = 1, seed: int = 0, epoch: int = 0, start_batch: int = 0,
                  shuffle: bool = True):
+        for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
+                                 ("grad_accum_steps", grad_accum_steps, 1), ("dataset_len", dataset_len, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, world_size - 1 = {world_size - 1}], got {rank!r}")
         if batch_size % (world_size * grad_accum_steps):
             raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size x grad_accum_steps "
                              f"({world_size} x {grad_accum_steps})")

@@ -261,6 +261,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                              f"{getattr(tokens, 'shape', type(tokens).__name__)}")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must hold integer ids, got dtype {tokens.dtype}")
+        if tokens.shape[0] == 0:
+            raise ValueError("tokens holds an empty batch (shape [0, length])")
         limit = self.adapter.max_image_tokens
         if not 1 <= tokens.shape[1] <= limit:
             raise ValueError(f"tokens has length {tokens.shape[1]}, but the model's block_size allows 1..{limit}")

@@ -162,6 +162,8 @@ class BackboneAdapter(ABC):
         """Raise `ValueError` naming `name` if `cond` does not fit this model; return its batch size."""
         if not isinstance(cond, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(cond).__name__}")
+        if cond.dim() == 0 or cond.shape[0] == 0:
+            raise ValueError(f"{name} must hold a batch of at least one condition, got shape {tuple(cond.shape)}")
         if batch_size is not None and cond.shape[0] != batch_size:
             raise ValueError(f"{name} has batch size {cond.shape[0]} but tokens have {batch_size}")
         return cond.shape[0]
