@@ -18,3 +18,63 @@ def test_version(capsys):
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "usage: tensorar" in capsys.readouterr().out
+
+
+# -- mistakes get one `error:` line, before any model is loaded or image sampled -------------------------
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--temperature", "0"], "--temperature must be a finite number"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-3"], "--top-k must be an integer >= 0"),
+    (["--cfg-scale", "-2"], "--cfg-scale must be a finite number >= 0"),
+    (["--scale", "0"], "--scale must be >= 1"),
+    (["--history-samples", "0"], "--history-samples must be >= 1"),
+    (["--window", "2"], "--window apply to hub and save_pretrained models"),
+    (["--tensorar", "somewhere"], "--tensorar apply to hub and save_pretrained models"),
+])
+def test_sample_flag_mistakes_are_reported_as_errors(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--out", str(tmp_path / "x.png"), "--no-progress", "--device", "cpu", *flags])
+    assert message in str(exc.value.code)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_gpu_and_bad_paths_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["sample"], ["sample-npz", "--num-samples", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--device", "cuda", "--out", str(tmp_path / "out"), "--no-progress"])
+        assert "--device cuda, but torch sees no CUDA GPU" in str(exc.value.code)
+    monkeypatch.delenv("TENSORAR_TRACEBACK", raising=False)
+    assert main(["sample", "--model", str(tmp_path / "missing.pt"), "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tensorar sample: error: ") and "missing.pt" in err and "Traceback" not in err
+    monkeypatch.setenv("TENSORAR_TRACEBACK", "1")  # the full traceback on request
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main(["sample", "--model", str(tmp_path / "missing.pt"), "--device", "cpu", "--out", str(tmp_path / "x.png")])
+
+
+def test_hub_models_default_to_no_top_k_for_fid_samples(monkeypatch):
+    """LlamaGen's FID numbers use top_k=0; its demo grids use the registry's 2000."""
+    import argparse
+
+    from conftest import tiny_llamagen
+
+    from tensorar_plugin import hub
+    from tensorar_plugin.commands import sample
+
+    def fake_gpt(name, image_size=None):
+        model = tiny_llamagen()
+        model.hub_info = hub.LLAMAGEN_CHECKPOINTS["c2i_B_256"]
+        return model
+
+    monkeypatch.setattr(hub, "load_llamagen", fake_gpt)
+    monkeypatch.setattr(hub, "load_vq", lambda name, device=None: object())
+    args = argparse.Namespace(model="c2i_B_256", tensorar=None, vq=None, image_size=None, window=None)
+    assert hub.LLAMAGEN_CHECKPOINTS["c2i_B_256"].top_k == 2000
+    assert sample.load_model(args, "cpu", None)[3]["top_k"] == 2000
+    assert sample.load_model(args, "cpu", None, fid_defaults=True)[3]["top_k"] == 0

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from . import __version__
+
+#: exceptions that report a mistake in the command's input (a path, a value): one `error:` line, exit code 2
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 #: command modules, in the order `tensorar --help` lists them
 COMMAND_MODULES = (
@@ -39,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get("TENSORAR_TRACEBACK"):
+            raise
+        print(f"tensorar {args.command}: error: {error}\n(set TENSORAR_TRACEBACK=1 to see where it was raised)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def check_sampling_args(*, temperature: float = 1.0, top_k: int = 0, top_p: floa
     """
     value = _real(temperature)
     if value is None or value < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (greedy=True for argmax "
-                         f"decoding), got {temperature!r}")
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (argmax decoding is greedy "
+                         f"sampling), got {temperature!r}")
     if not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
     value = _real(top_p)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 __all__ = ["register", "run", "add_model_arguments", "add_device_arguments", "add_sampling_arguments",
-           "sampling_settings", "load_model"]
+           "sampling_settings", "check_sampling_flags", "resolve_device", "load_model"]
 
 #: LlamaGen's demo classes (ImageNet ids), used for hub models when --classes is not given
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -72,9 +72,37 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--draft", choices=("sample", "argmax"), default=None, help="how draft slots are chosen")
 
 
+def check_sampling_flags(args) -> None:
+    """Check the sampling flags that were given before any model is loaded (an `error:` line, no traceback)."""
+    from ..sampling import check_sampling_args
+
+    given = {key: getattr(args, key) for key in SAMPLING_KEYS if key != "draft" and getattr(args, key) is not None}
+    try:
+        check_sampling_args(**given)
+    except ValueError as err:
+        flag = str(err).split(" ", 1)
+        raise SystemExit(f"error: --{flag[0].replace('_', '-')} {flag[1]}") from None
+
+
 def sampling_settings(args, defaults: dict) -> dict:
     """The sampling settings: each flag given, else the model's default."""
     return {key: getattr(args, key) if getattr(args, key) is not None else defaults[key] for key in SAMPLING_KEYS}
+
+
+def resolve_device(device: str | None) -> str:
+    """`--device` (default: cuda when available), refused with an `error:` line when it does not exist here."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise SystemExit(f"error: --device {device}: {err}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}, but torch sees no CUDA GPU here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {device}, but MPS is not available here")
+    return device
 
 
 def add_device_arguments(p) -> None:
@@ -84,8 +112,12 @@ def add_device_arguments(p) -> None:
                    help="torch CPU threads (default: torch's; 1 is fastest for the tiny demo on a busy machine)")
 
 
-def load_model(args, device, dtype):
-    """-> (wrapper, vq, grid, defaults dict, classes default, scale default, description)."""
+def load_model(args, device, dtype, *, fid_defaults: bool = False):
+    """-> (wrapper, vq, grid, defaults dict, classes default, scale default, description).
+
+    Hub models default to LlamaGen's demo `top_k` (2000), or with `fid_defaults` to no truncation, the
+    setting of LlamaGen's FID numbers.
+    """
     import torch
 
     from ..wrapper import TensorARWrapper
@@ -93,6 +125,12 @@ def load_model(args, device, dtype):
     base_defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
     if args.model is None or (Path(args.model).is_dir() and (Path(args.model) / "demo_info.json").is_file()):
         from ..demo import load_demo
+
+        ignored = [flag for flag, value in (("--tensorar", args.tensorar), ("--window", args.window),
+                                            ("--vq", args.vq), ("--image-size", args.image_size)) if value is not None]
+        if ignored:
+            raise SystemExit(f"error: {', '.join(ignored)} apply to hub and save_pretrained models (--model), "
+                             f"not to the demo bundle, which carries its own")
 
         bundle = load_demo(device=device, dtype=dtype, directory=args.model)
         info = bundle.info
@@ -143,7 +181,7 @@ def load_model(args, device, dtype):
         vq = load_vq(vq_name, device=device)
         grid = gpt.config.grid_size
         defaults = {**base_defaults, "cfg_scale": (info.cfg_scale if info and info.cfg_scale else 2.0),
-                    "top_k": (info.top_k if info and info.top_k else 0)}
+                    "top_k": (info.top_k if info and info.top_k and not fid_defaults else 0)}
         desc = f"{args.model} (window {wrapper.window}{', TensorAR parts ' + args.tensorar if args.tensorar else ''})"
     wrapper = wrapper.to(device=device, dtype=dtype or torch.float32).eval()
     classes = IMAGENET_DEMO_CLASSES if wrapper.base_model.config.num_classes == 1000 else \
@@ -158,10 +196,13 @@ def run(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for flag, value in (("--per-class", args.per_class), ("--history-samples", args.history_samples),
+                        ("--scale", args.scale)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    check_sampling_flags(args)
+    device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    if args.per_class < 1:
-        raise SystemExit("error: --per-class must be >= 1")
     wrapper, vq, grid, defaults, default_classes, default_scale, desc = load_model(args, device, dtype)
     classes = args.classes if args.classes is not None else default_classes
     num_classes = wrapper.base_model.config.num_classes
@@ -178,7 +219,7 @@ def run(args) -> int:
                            **settings)
     tokens = out.tokens if args.history else out
     elapsed = time.time() - start
-    scale = args.scale or default_scale
+    scale = args.scale if args.scale is not None else default_scale
     images = tokens_to_images(vq, tokens, grid)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=args.per_class, scale=scale).save(args.out)

@@ -6,7 +6,7 @@ LlamaGen and the TensorAR paper report with. Under `torchrun` every process draw
 batches; the images depend on `--seed` and `--batch-size` only. `--reference` adds an offline FID
 (`tensorar fid`). The model flags are those of `tensorar sample`.
 
-    torchrun --nproc_per_node 8 -m tensorar_plugin.cli sample-npz --model c2i_B_256 --tensorar runs/b256 \\
+    torchrun --nproc_per_node 8 -m tensorar_plugin.cli sample-npz --model c2i_B_256 --tensorar runs/b256/final \\
         --cfg-scale 2.0 --num-samples 50000 --out samples/b256 --compile
 """
 
@@ -23,7 +23,9 @@ from .sample import (
     add_device_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    check_sampling_flags,
     load_model,
+    resolve_device,
     sampling_settings,
 )
 
@@ -66,16 +68,17 @@ def run(args) -> int:
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+    check_sampling_flags(args)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    device = resolve_device(args.device)
     started = init_distributed(args.device)
     rank, world, local_rank = distributed_info()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and torch.device(device).index is None:
         device = f"cuda:{local_rank}"
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     try:
-        wrapper, vq, grid, defaults, _, _, desc = load_model(args, device, dtype)
+        wrapper, vq, grid, defaults, _, _, desc = load_model(args, device, dtype, fid_defaults=True)
         if wrapper.adapter.num_classes is None:
             raise SystemExit("error: sample-npz draws class-conditional images; this model has no classes")
         settings = {**sampling_settings(args, defaults), "cfg_interval": args.cfg_interval}
