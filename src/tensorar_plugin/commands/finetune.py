@@ -48,6 +48,15 @@ def check_saved_settings(saved: dict[str, Any], given: dict[str, Any], source: s
                          f"asks for {', '.join(clashes)}; drop these flags or start a fresh model")
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except `None` and `False` ones: "(default: None)" says nothing; the help says what unset does."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _optional_bool(text: str) -> bool | None:
     value = text.lower()
     if value in ("auto", "none"):
@@ -68,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Fine-tune a LlamaGen GPT as a TensorAR (next-tensor prediction) model on precomputed VQ "
                     "codes. Works on one GPU/CPU and under torchrun (DDP, or FSDP with --fsdp). Defaults follow "
                     "LlamaGen's c2i training recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True,
                        help="LlamaGen checkpoint: a registry name (e.g. c2i_B_256, downloaded from the Hugging Face "
@@ -144,7 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     run_group.add_argument("--keep-checkpoints", type=int, default=None,
                            help="keep only the newest N checkpoints (default: all)")
     run_group.add_argument("--save-backbone", type=_optional_bool, default=None, metavar="{auto,yes,no}",
-                           help="include the backbone in saved weights (auto: unless --freeze-backbone)")
+                           help="include the backbone in saved weights (default: auto = unless --freeze-backbone)")
     run_group.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl lines")
     run_group.add_argument("--resume", default=None,
                            help="checkpoint folder to resume from, or 'latest' (newest in --out, if any)")
