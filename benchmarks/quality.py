@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--also-argmax", action="store_true",
                    help="also sample the TensorAR model with argmax drafts (no extra training)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
-    p.add_argument("--out-json", type=Path, default=None)
+    p.add_argument("--out-json", type=Path, default=None,
+                   help="result file (default: quality_result.json, or quality_tiny.json with --tiny, here)")
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None,
                    help="write the section into this markdown file (docs/benchmarks.md; off by default, so "
@@ -345,8 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.num_samples = args.num_samples or (40 if tiny else 300)
     args.ref_images = args.ref_images or (100 if tiny else 500)
     args.batch = args.batch or (16 if tiny else 48)
-    if args.out_json is None:
-        args.out_json = ROOT / "benchmarks/results" / ("quality_tiny.json" if tiny else "quality.json")
+    if args.out_json is None:  # never the published results/quality.json unless asked for by name
+        args.out_json = Path("quality_tiny.json" if tiny else "quality_result.json")
     t_start = time.time()
     log = (lambda *a: None) if tiny else (lambda *a: print(*a, flush=True))
 
@@ -474,6 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     publish(result, args, command.strip())
     log(json.dumps(result["summary"], indent=2))
+    print(f"wrote {args.out_json}" + (f", {args.plot}" if args.plot else "")
+          + (f", {args.markdown}" if args.markdown else ""), flush=True)
     return result
 
 

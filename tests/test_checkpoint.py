@@ -102,6 +102,24 @@ def test_custom_schedule_is_recorded_and_can_be_supplied_again(tmp_path):
     schedule = lambda u: u**3  # noqa: E731
     loaded = TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(), noise_schedule=schedule)
     assert loaded._schedule is schedule
+    with pytest.warns(UserWarning, match="custom noise schedule, which cannot be saved"):
+        assert TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())._schedule == "exponential"
+    named = TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(), noise_schedule="linear")
+    assert named._schedule == "linear" and named.config.noise_schedule == "linear"
+    with pytest.raises(ValueError, match="noise_schedule must be one of"):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(), noise_schedule="cosine")
+
+
+def test_the_adaptive_schedule_cannot_be_switched_at_load_time(tmp_path):
+    """Its state (the draft accuracy) lives in the weights: a requested fixed schedule would be overruled."""
+    TensorARWrapper(tiny_llamagen(), window=3, noise_schedule="adaptive").save_pretrained(tmp_path / "adaptive")
+    TensorARWrapper(tiny_llamagen(), window=3).save_pretrained(tmp_path / "fixed")
+    with pytest.raises(ValueError, match="cannot be switched on or off"):
+        TensorARWrapper.from_pretrained(tmp_path / "adaptive", tiny_llamagen(), noise_schedule="linear")
+    with pytest.raises(ValueError, match="cannot be switched on or off"):
+        TensorARWrapper.from_pretrained(tmp_path / "fixed", tiny_llamagen(), noise_schedule="adaptive")
+    loaded = TensorARWrapper.from_pretrained(tmp_path / "adaptive", tiny_llamagen(), noise_schedule="adaptive")
+    assert loaded.adaptive_beta() is not None
 
 
 def test_push_to_hub_uploads_safetensors_config_and_card(tmp_path, monkeypatch):

@@ -381,6 +381,8 @@ def test_streamed_statistics_equal_numpy_mean_and_cov(tmp_path):
     np.testing.assert_allclose(sigma, np.cov(all_feats, rowvar=False), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2 images"):
         activation_statistics([images[:1]], features, progress=False)
+    with pytest.warns(UserWarning, match="5 images for 5-d features: the covariance is rank-deficient"):
+        activation_statistics([images[:5]], features, progress=False)
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_saved_stats_are_reused(tmp_path):

@@ -97,6 +97,20 @@ def test_resume_latest_without_checkpoints_starts_fresh_and_bad_paths_fail(tmp_p
     assert find_latest_checkpoint(tmp_path / "nothing") is None
 
 
+def test_resume_on_another_device_type_reseeds_with_a_warning(tmp_path):
+    """A CUDA generator state does not fit a CPU generator (and back): the streams are re-seeded instead."""
+    data = random_dataset()
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, ckpt_every=1)).train()
+    state_path = tmp_path / "run" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["device_type"] = "cuda"
+    state_path.write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="written on cuda, this run is on cpu: random streams are re-seeded"):
+        trainer = Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, resume_from=str(state_path.parent)))
+    assert trainer.step == 1
+    trainer.train()
+
+
 def test_resume_refuses_a_checkpoint_of_another_window(tmp_path):
     data = random_dataset()
     Trainer(make_wrapper(), data, config(tmp_path, max_steps=1, ckpt_every=1)).train()

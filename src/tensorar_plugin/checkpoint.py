@@ -13,12 +13,14 @@ Both come with `tensorar_config.json` and, when the backbone has a config with `
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .noise import ADAPTIVE, SCHEDULES
 from .state_dicts import describe_mismatch
 from .wrapper import ADAPTER_NAME, BACKBONE_CONFIG_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TensorARConfig
 
@@ -105,10 +107,22 @@ def load_wrapper(cls, pretrained: str | Path, model: nn.Module, *, adapter: Back
     if window is not None and window != config.window:
         raise ValueError(f"window={window} was requested, but {directory} holds a TensorAR model saved with "
                          f"window={config.window}")
+    requested = noise_schedule if noise_schedule is None or callable(noise_schedule) else str(noise_schedule)
+    if isinstance(requested, str) and requested not in (*SCHEDULES, ADAPTIVE):
+        raise ValueError(f"noise_schedule must be one of {', '.join((*SCHEDULES, ADAPTIVE))} or a callable, "
+                         f"got {requested!r}")
+    if requested is not None and ADAPTIVE in (config.noise_schedule, requested) and requested != config.noise_schedule:
+        raise ValueError(f"{directory} was saved with noise_schedule={config.noise_schedule!r}; the adaptive "
+                         f"schedule keeps state in the weights, so it cannot be switched on or off at load time "
+                         f"(got noise_schedule={requested!r})")
     wrapper = cls(model, config=config, adapter=adapter)
-    if noise_schedule is not None:
-        wrapper._schedule = noise_schedule
+    if requested is not None:
+        wrapper._schedule = requested
+        wrapper.config.noise_schedule = requested if isinstance(requested, str) else "custom"
     elif config.noise_schedule == "custom":
+        warnings.warn(f"{directory} was trained with a custom noise schedule, which cannot be saved: training "
+                      f"this wrapper uses the exponential schedule unless noise_schedule= passes the callable "
+                      f"(sampling is unaffected)", stacklevel=3)
         wrapper._schedule = "exponential"
 
     full, partial = directory / WEIGHTS_NAME, directory / ADAPTER_NAME

@@ -917,11 +917,16 @@ class Trainer:
 
     def _load_rng(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         prefix = f"rng/{self.rank}/"
-        same_layout = state.get("world_size") == self.world_size and f"{prefix}torch" in tensors
-        if not same_layout:
-            warnings.warn(f"the checkpoint was written by {state.get('world_size')} processes, this run has "
-                          f"{self.world_size}: random streams are re-seeded, so dropout and noise differ from the "
-                          "original run", stacklevel=3)
+        saved_device = state.get("device_type", self.device.type)
+        if state.get("world_size") != self.world_size or f"{prefix}torch" not in tensors:
+            reason = f"written by {state.get('world_size')} processes, this run has {self.world_size}"
+        elif saved_device != self.device.type:  # generator states of one device type do not fit another
+            reason = f"written on {saved_device}, this run is on {self.device.type}"
+        else:
+            reason = None
+        if reason is not None:
+            warnings.warn(f"the checkpoint was {reason}: random streams are re-seeded, so dropout and noise differ "
+                          "from the original run", stacklevel=3)
             torch.manual_seed((self.config.seed + int(state["step"])) * self.world_size + self.rank)
             self.noise_generator.manual_seed((self.config.seed + int(state["step"])) * 7919 + self.rank)
             return

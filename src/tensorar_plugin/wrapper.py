@@ -323,7 +323,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         """Replace the draft slots of `windows` `[B, T-1, k]` by tokens sampled from the model's own predictions.
 
         Output `t` predicts positions `t .. t+k-1`, so slot `j` of the window fed at position `t` takes a
-        sample of output `t`'s slot `j`, exactly the draft generation would feed; padding stays padding.
+        sample of output `t`'s slot `j`, the draft generation feeds back (drawn at temperature 1 without top-k or
+        top-p, i.e. as generation does with its default settings); padding stays padding.
         """
         sampled = sample_tokens(draft_logits[:, : windows.shape[1], 1:], generator=generator)
         drafts = torch.where(windows[..., 1:] >= 0, sampled.to(windows.dtype), windows[..., 1:])

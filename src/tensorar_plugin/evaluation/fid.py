@@ -194,6 +194,9 @@ def activation_statistics(source, features: InceptionFeatures, *, batch_size: in
             bar.update(len(feats))
     if count < 2:
         raise ValueError(f"FID statistics need at least 2 images, got {count}")
+    if count <= feats.shape[1]:
+        warnings.warn(f"{count} images for {feats.shape[1]}-d features: the covariance is rank-deficient and the "
+                      f"FID is strongly biased (published FIDs use 50,000 samples)", stacklevel=2)
     mu = total_sum / count
     sigma = (total_outer - count * torch.outer(mu, mu)) / (count - 1)
     return mu.cpu().numpy(), sigma.cpu().numpy()
