@@ -194,6 +194,10 @@ def test_token_dataset_errors():
         TokenDataset(torch.zeros(2, 16), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="class ids"):
         TokenDataset(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0, 3]), num_classes=3)
+    with pytest.raises(ValueError, match=r"look like \[N, h, w\] token grids"):  # not 4 augmentations of 4 tokens
+        TokenDataset(torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    two_views = TokenDataset(torch.zeros(2, 2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert two_views.num_augmentations == 2
 
 
 # -- tokenize_images ----------------------------------------------------------------------------
@@ -239,8 +243,8 @@ def test_tokenize_image_folder_with_class_subfolders(tmp_path):
     assert json.loads((tmp_path / "out" / "pets_classes.json").read_text())["classes"] == ["ant", "cat", "dog"]
     with pytest.raises(ValueError, match="labels must not be given"):
         tokenize_images(folder, tiny_vq(), tmp_path / "x", labels=[0], progress=False)
-    with pytest.raises(ValueError, match=r"dog/0\.png: image is 28x28, but the first image is 20x24"):
-        tokenize_images(folder, tiny_vq(), tmp_path / "y", progress=False)  # without image_size: one size only
+    with pytest.raises(ValueError, match=r"ant/0\.png: images are 20x24, not square; pass image_size="):
+        tokenize_images(folder, tiny_vq(), tmp_path / "y", progress=False)  # without image_size: square images only
 
 
 def test_tokenize_errors(tmp_path):
@@ -255,6 +259,10 @@ def test_tokenize_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-folders"):
         tokenize_images(tmp_path / "empty", vq, tmp_path / "out")
+    with pytest.raises(ValueError, match="labels must be integer class ids, got dtype float64"):
+        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path, labels=[0.9, 2.7])  # not cut to 0, 2
+    with pytest.raises(ValueError, match="images are 24x16, not square; pass image_size="):
+        tokenize_images(np.zeros((2, 16, 24, 3), np.uint8), vq, tmp_path / "wide", labels=[0, 1], progress=False)
 
 
 def test_center_crop():

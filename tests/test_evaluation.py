@@ -213,9 +213,15 @@ def test_pack_npz_writes_the_adm_layout(demo, tmp_path):
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (5, 32, 32, 3)
         assert np.array_equal(data["arr_0"], read_folder(folder, 5))
         assert data["arr_1"].tolist() == eval_labels(5, 10, "random", seed=2).tolist()
-    (folder / "000003.png").unlink()
+    first_three = pack_npz(folder, tmp_path / "three.npz", num_samples=3, progress=False)
+    with np.load(first_three) as data:  # images and labels both cut to the first three
+        assert data["arr_0"].shape[0] == 3
+        assert data["arr_1"].tolist() == eval_labels(5, 10, "random", seed=2)[:3].tolist()
+    dotted = folder.rename(tmp_path / "b256_cfg1.75")  # a sweep's folder name: ".npz" is appended, not swapped in
+    assert pack_npz(dotted, progress=False) == tmp_path / "b256_cfg1.75.npz"
+    (dotted / "000003.png").unlink()
     with pytest.raises(FileNotFoundError, match="lacks 1 of 5 samples .first: 000003.png"):
-        pack_npz(folder, progress=False)
+        pack_npz(dotted, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,6 +407,8 @@ def test_fid_of_a_set_with_itself_is_zero_and_saved_stats_are_reused(tmp_path):
         assert np.array_equal(a["mu"], b["mu"]) and np.array_equal(a["sigma"], b["sigma"])
     calls = len(net.seen)
     assert load_statistics(stats, InceptionFeatures(net))[0].shape == (5,) and len(net.seen) == calls  # not recomputed
+    assert save_statistics(tmp_path / "named", *load_statistics(stats)) == tmp_path / "named.npz"  # the path written
+    assert (tmp_path / "named.npz").is_file()
     assert compute_fid(npz, stats, inception=net, progress=False) == pytest.approx(fid, rel=1e-9)
 
 
@@ -451,6 +459,8 @@ def test_sample_npz_refuses_to_resume_with_other_settings(tmp_path):
     assert cli_main(argv) == 0
     with pytest.raises(SystemExit, match=r"error: .* other settings \(top_k: 0 there, 5 now\)"):
         cli_main(argv + ["--top-k", "5"])
+    # the tokenizer is part of the recorded settings (another --vq is refused like another --top-k)
+    assert "vq" in json.loads((tmp_path / "s" / "eval_settings.json").read_text())
 
 
 @pytest.mark.parametrize("argv, message", [

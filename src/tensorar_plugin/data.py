@@ -273,6 +273,9 @@ class TokenDataset(_AugmentedDataset):
             raise ValueError(f"codes must hold integer token ids, got dtype {codes.dtype}")
         if codes.ndim == 2:
             codes = codes[:, None]
+        elif codes.ndim == 3 and codes.shape[1] == codes.shape[2] > 1:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} look like [N, h, w] token grids, which read as "
+                             f"[N, n_aug, h*w] would be wrong: pass codes.reshape(len(codes), -1)")
         if codes.ndim != 3 or codes.shape[0] == 0 or codes.shape[1] == 0:
             raise ValueError(f"codes must have shape [N, h*w] or [N, n_aug, h*w] with N >= 1, got "
                              f"{tuple(codes.shape)}")
@@ -358,7 +361,10 @@ def _as_items(images: Any, labels: Any) -> list[tuple[Any, int]]:
     elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
         raise ValueError(f"images must be a folder, a uint8 array or a list of PIL images / arrays, got "
                          f"{type(images).__name__}")
-    labels = [int(x) for x in np.asarray(labels).reshape(-1)]
+    label_array = np.asarray(labels).reshape(-1)
+    if label_array.dtype.kind not in "iu":  # int() would truncate 0.9 to 0 without a word
+        raise ValueError(f"labels must be integer class ids, got dtype {label_array.dtype}")
+    labels = [int(x) for x in label_array]
     if len(labels) != len(images):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
     if any(x < 0 for x in labels):
@@ -458,6 +464,9 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
     out_root = Path(out_root)
     first = _prepare(items[0][0], image_size, _where(items[0][0], 0))
     height, width = first.shape[:2]
+    if height != width:  # the codes would not form the square token grid CodesDataset and LlamaGen expect
+        raise ValueError(f"{_where(items[0][0], 0)}: images are {width}x{height}, not square; pass image_size= to "
+                         f"resize and center-crop them to a square")
     name = name or f"images{height}"
     codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
     for folder in (codes_dir, labels_dir):

@@ -54,7 +54,9 @@ def run(args) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if args.save_reference_stats:
-        print(f"wrote {args.save_reference_stats} (reference mu/sigma)")
+        from ..evaluation.fid import statistics_path
+
+        print(f"wrote {statistics_path(args.save_reference_stats)} (reference mu/sigma)")
     result = {"fid": fid, "samples": str(args.samples), "num_samples": count_images(args.samples),
               "reference": str(args.reference), "inception": features.source}
     print(f"FID {fid:.4f}  ({result['num_samples']} samples vs {args.reference})")

@@ -90,7 +90,7 @@ def run(args) -> int:
             sample_images(wrapper, vq, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                           seed=args.seed, labels=args.labels, grid=grid, eval_size=args.eval_size, rank=rank,
                           world_size=world, progress=not args.no_progress, compile=args.compile,
-                          extra_settings={"model": desc, "dtype": str(next(wrapper.parameters()).dtype)},
+                          extra_settings={"model": desc, "vq": args.vq, "dtype": str(next(wrapper.parameters()).dtype)},
                           barrier=dist.barrier if world > 1 else None, **settings)
         except ValueError as err:  # bad settings, or a folder drawn with other settings
             raise SystemExit(f"error: {err}") from None

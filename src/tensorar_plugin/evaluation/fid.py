@@ -27,7 +27,8 @@ from torch import nn
 
 __all__ = ["INCEPTION_ENV", "IMAGE_SUFFIXES", "find_inception_weights", "load_inception_network",
            "tf_bilinear_resize", "InceptionFeatures", "iter_image_batches", "count_images",
-           "activation_statistics", "load_statistics", "save_statistics", "frechet_distance", "compute_fid"]
+           "activation_statistics", "load_statistics", "save_statistics", "statistics_path", "frechet_distance",
+           "compute_fid"]
 
 INCEPTION_ENV = "TENSORAR_INCEPTION"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -203,9 +204,18 @@ def activation_statistics(source, features: InceptionFeatures, *, batch_size: in
 
 
 def save_statistics(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray) -> Path:
-    """Write `mu` / `sigma` as an `.npz` with the ADM evaluator's keys (reuse a reference without recomputing it)."""
+    """Write `mu` / `sigma` as an `.npz` with the ADM evaluator's keys (reuse a reference without recomputing it).
+
+    `.npz` is appended to a path without it (as numpy does); the path written is returned."""
+    path = statistics_path(path)
     np.savez(path, mu=mu, sigma=sigma)
-    return Path(path)
+    return path
+
+
+def statistics_path(path: str | os.PathLike[str]) -> Path:
+    """Where `save_statistics(path, ...)` writes: `path`, with `.npz` appended when it has another suffix."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
 def load_statistics(source, features: InceptionFeatures | None = None, *, batch_size: int = 100,

@@ -210,7 +210,8 @@ def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     if missing:
         raise FileNotFoundError(f"{folder} lacks {len(missing)} of {num_samples} samples (first: "
                                 f"{_image_path(folder, missing[0]).name}); run the sampling again to finish it")
-    out = Path(out) if out is not None else folder.with_suffix(".npz")
+    # <folder>.npz, appended: with_suffix would turn "b256_cfg1.5" and "b256_cfg1.75" both into "b256_cfg1.npz"
+    out = Path(out) if out is not None else folder.with_name(folder.name + ".npz")
     first = np.asarray(Image.open(_image_path(folder, 0)).convert("RGB"))
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num_samples, *first.shape)}
@@ -226,7 +227,8 @@ def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None 
                 f.write(np.ascontiguousarray(image).tobytes())
         if (folder / LABELS_NAME).is_file():
             labels = np.load(folder / LABELS_NAME)
-            if len(labels) == num_samples:
-                with archive.open("arr_1.npy", "w") as f:
-                    np.lib.format.write_array(f, labels.astype(np.int64))
+            if len(labels) < num_samples:
+                raise ValueError(f"{folder / LABELS_NAME} holds {len(labels)} labels for {num_samples} samples")
+            with archive.open("arr_1.npy", "w") as f:  # the first num_samples, like the images
+                np.lib.format.write_array(f, labels[:num_samples].astype(np.int64))
     return out
