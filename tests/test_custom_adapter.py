@@ -175,6 +175,11 @@ def test_bad_parts_and_conditions_raise_clear_errors():
         wrapper.generate(labels, 4, cfg_scale=2.0)
     with pytest.raises(TypeError, match="no TensorAR adapter"):
         TensorARWrapper(model)  # a custom model is not auto-detected: it needs a ModuleAdapter
+    with pytest.raises(ValueError, match="needs 33 positions, but pos_embedding has 17"):
+        ModuleAdapter(model, embedding="tok", blocks="blocks", head="out", pos_embedding="pos", max_image_tokens=32)
+    embedded = ModuleAdapter(model, embedding="tok", blocks="blocks", norm="norm", head="out", pos_embedding="pos")
+    with pytest.raises(ValueError, match=r"must be \[B, 1, 32\] .*got \(3, 4, 32\)"):  # extra tokens: not cut off
+        TensorARWrapper(model, window=2, adapter=embedded)(tokens, torch.randn(3, 4, 32))
 
 
 def test_package_imports_and_detects_without_transformers():

@@ -280,8 +280,10 @@ def test_invalid_conditions():
     wrapper = wrapped(2)
     with pytest.raises(ValueError, match="cond must hold a batch of at least one condition"):
         wrapper.generate(torch.tensor([], dtype=torch.long))
-    with pytest.raises(ValueError, match="tokens holds an empty batch"):
+    with pytest.raises(ValueError, match="cond must hold a batch of at least one condition"):
         wrapper(torch.zeros(0, 16, dtype=torch.long), torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens holds an empty batch"):
+        wrapper._check_tokens(torch.zeros(0, 16, dtype=torch.long))
     with pytest.raises(ValueError, match=r"^cond holds class ids outside \[0, 10\] \(min 0, max 11\)$"):
         wrapper.generate(torch.tensor([0, 11]))
     with pytest.raises(ValueError, match=r"^cond must be a 1-D integer tensor of class ids, got shape \(2,\) "

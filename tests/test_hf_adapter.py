@@ -305,5 +305,60 @@ def test_bad_conditions_and_settings_raise_clear_errors():
         HFCausalLMAdapter(model, condition="text")
     with pytest.raises(RuntimeError, match="num_cond_tokens"):
         _ = HFCausalLMAdapter(model).num_cond_tokens
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match=r"num_tokens must be an integer in \[1, 61\]"):  # 64 positions - 3 prompt
         TensorARWrapper(model, window=1).generate(prompt, 62, greedy=True)
+
+
+def test_a_fresh_adapter_generates_the_default_length_for_its_prompt():
+    """The prompt fixes how many image positions remain: the default length is checked after it is known."""
+    model = tiny_llama()
+    _, prompt = data()
+    tokens = TensorARWrapper(model, window=1).generate(prompt, greedy=True)  # 64 positions - 3 prompt
+    assert tokens.shape == (2, 61)
+
+
+def test_adapter_settings_that_cannot_work_are_refused_at_construction():
+    model = tiny_llama()
+    for bad, match in ((torch.tensor([1.0, 2.0, 3.0]), "uncond_ids must be the null prompt's token ids"),
+                       (torch.tensor([0, 5, VOCAB + 10]), r"uncond_ids holds token ids outside \[0, 99\]"),
+                       (torch.zeros(2, PROMPT, dtype=torch.long), "uncond_ids must be the null prompt's token ids")):
+        with pytest.raises(ValueError, match=match):
+            HFCausalLMAdapter(model, uncond_ids=bad)
+    head = nn.Linear(32, 48)
+    with pytest.raises(ValueError, match="image_vocab_size=32, but image_head outputs 48 logits"):
+        HFCausalLMAdapter(model, image_head=head, image_vocab_size=32)
+
+
+def test_models_whose_logits_the_adapter_cannot_reproduce_are_refused():
+    """Granite divides its LM head's output by `logits_scaling`; sampling from the undivided logits would be
+    silently wrong at every temperature, so the construction-time check refuses it."""
+    config = transformers.GraniteConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        logits_scaling=8.0)
+    torch.manual_seed(0)
+    granite = randomize_(transformers.GraniteForCausalLM(config)).eval()
+    with pytest.raises(ValueError, match="GraniteForCausalLM's own logits differ from head"):
+        HFCausalLMAdapter(granite)
+    config.logits_scaling = 1.0  # the same architecture without the post-processing is accepted, and exact
+    same = randomize_(transformers.GraniteForCausalLM(config)).eval()
+    tokens, prompt = data()
+    with torch.no_grad():
+        ours = TensorARWrapper(same, window=1)(tokens, prompt).logits[:, :, 0]
+        theirs = same(input_ids=torch.cat([prompt, tokens[:, :-1]], 1)).logits[:, PROMPT - 1:]
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_static_cache_refuses_to_rewind_and_dynamic_cache_rewinds_exactly():
+    model = tiny_llama()
+    first, again = torch.randn(2, 8, 32), torch.randn(2, 3, 32)
+    for cache in ("dynamic", "static"):
+        adapter = HFCausalLMAdapter(model, num_cond_tokens=3, cache=cache)
+        with torch.no_grad():
+            reference = adapter.forward_hidden(torch.cat([first[:, :4], again], 1))
+            adapter.setup_caches(2, 16)
+            adapter.forward_hidden(first[:, :6], torch.arange(6))
+            if cache == "static":
+                with pytest.raises(ValueError, match="a static cache cannot drop positions"):
+                    adapter.forward_hidden(again, torch.arange(4, 7))
+            else:
+                torch.testing.assert_close(adapter.forward_hidden(again, torch.arange(4, 7)), reference[:, 4:])

@@ -110,8 +110,8 @@ def generate_windows(
         raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
     if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool):
         raise ValueError(f"cfg_interval must be an integer (-1 keeps guidance on), got {cfg_interval!r}")
+    batch = adapter.check_condition(cond)  # first: it fixes the prompt length that bounds the image length
     total = _check_num_tokens(num_tokens, adapter)
-    batch = adapter.check_condition(cond)
     guided = cfg_scale != 1.0
     if guided and not adapter.has_null_condition:
         raise ValueError("cfg_scale != 1 needs a null condition, but this model was built without condition "

@@ -544,8 +544,8 @@ class Trainer:
         """Token ids and conditions of a (CPU) batch, with errors that name the data rather than an
         index error inside the embedding (a device-side assert on CUDA)."""
         try:
-            self.wrapper._check_tokens(codes)
             self.wrapper.adapter.check_condition(cond, codes.shape[0])
+            self.wrapper._check_tokens(codes)
             classes = self.wrapper.adapter.num_classes
             if self._class_labels and cond.numel() and int(cond.max()) >= classes:
                 raise ValueError(f"labels must lie in [0, {classes - 1}], got {int(cond.max())} (id {classes} is "

@@ -281,9 +281,10 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         hides padded condition tokens (text conditions). `validate=False` skips the id-range checks,
         which read values back from the device (the trainer's datasets check ids when loading).
         """
-        if validate:
+        if validate:  # the condition first: it fixes the prompt length that bounds the image length
+            rows = tokens.shape[0] if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None
+            self.adapter.check_condition(cond, rows)
             self._check_tokens(tokens)
-            self.adapter.check_condition(cond, tokens.shape[0])
         k = self.window
         train_cond = self.base_model.training and self.config.label_dropout
         cond_embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)

@@ -226,15 +226,17 @@ class ModuleAdapter(BackboneAdapter):
         if not isinstance(num_cond_tokens, int) or num_cond_tokens < 1:
             raise ValueError(f"num_cond_tokens must be an integer >= 1, got {num_cond_tokens!r}")
         self._num_cond = num_cond_tokens
+        rows = (self.pos_embedding.shape[0] if isinstance(self.pos_embedding, torch.Tensor)
+                else getattr(self.pos_embedding, "num_embeddings", None))
         if max_image_tokens is None:
-            if not isinstance(self.pos_embedding, torch.Tensor) and \
-                    not isinstance(getattr(self.pos_embedding, "num_embeddings", None), int):
+            if not isinstance(rows, int):
                 raise ValueError("max_image_tokens is required unless pos_embedding is a table or an nn.Embedding")
-            rows = (self.pos_embedding.shape[0] if isinstance(self.pos_embedding, torch.Tensor)
-                    else self.pos_embedding.num_embeddings)
             max_image_tokens = rows - num_cond_tokens
-        if max_image_tokens < 1:
-            raise ValueError(f"max_image_tokens must be >= 1, got {max_image_tokens!r}")
+        if isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int) or max_image_tokens < 1:
+            raise ValueError(f"max_image_tokens must be an integer >= 1, got {max_image_tokens!r}")
+        if isinstance(rows, int) and num_cond_tokens + max_image_tokens > rows:
+            raise ValueError(f"max_image_tokens={max_image_tokens} with num_cond_tokens={num_cond_tokens} needs "
+                             f"{num_cond_tokens + max_image_tokens} positions, but pos_embedding has {rows}")
         self._max_image_tokens = int(max_image_tokens)
         self._vocab_size = vocab_size if vocab_size is not None else out_features(self.output)
         if self._vocab_size is None:
@@ -305,10 +307,11 @@ class ModuleAdapter(BackboneAdapter):
         emb = cond if self.cond_embedding is None else self.cond_embedding(cond)
         if emb.dim() == 2:
             emb = emb.unsqueeze(1)
-        if emb.dim() != 3 or emb.shape[1] < self.num_cond_tokens or emb.shape[-1] != self.hidden_size:
+        if emb.dim() != 3 or emb.shape[1] != self.num_cond_tokens or emb.shape[-1] != self.hidden_size:
             raise ValueError(f"the condition embedding must be [B, {self.num_cond_tokens}, {self.hidden_size}] "
-                             f"(or [B, {self.hidden_size}] for one token), got {tuple(emb.shape)}")
-        return emb[:, : self.num_cond_tokens]
+                             f"(or [B, {self.hidden_size}] for one token; num_cond_tokens={self.num_cond_tokens}), "
+                             f"got {tuple(emb.shape)}")
+        return emb
 
     def null_condition(self, cond):
         if self._null is None:

@@ -155,6 +155,9 @@ class HFCausalLMAdapter(BackboneAdapter):
         if uses_lm_vocab and image_token_offset + image_vocab_size > lm_vocab:
             raise ValueError(f"image tokens {image_token_offset}..{image_token_offset + image_vocab_size - 1} do not "
                              f"fit the LM vocabulary of {lm_vocab} ids")
+        head_width = out_features(self.image_head) if self.image_head is not None else None
+        if head_width is not None and head_width != image_vocab_size:
+            raise ValueError(f"image_vocab_size={image_vocab_size}, but image_head outputs {head_width} logits")
         self.image_vocab_size = int(image_vocab_size)
 
         if self.image_head is None and self.lm_head is None:
@@ -167,6 +170,12 @@ class HFCausalLMAdapter(BackboneAdapter):
         if uncond_ids is not None and not callable(condition):  # its length is the prompt length
             if uncond_ids.dim() == (2 if condition == "prefix" else 3) and uncond_ids.shape[0] == 1:
                 uncond_ids = uncond_ids[0]
+            if condition == "prefix":
+                check_id_tensor(uncond_ids, name="uncond_ids", dims=1, what="token ids", upper=self._lm_vocab_size(),
+                                layout="the null prompt's token ids [L] or [1, L] (an integer tensor)")
+            elif uncond_ids.dim() != 2 or not uncond_ids.dtype.is_floating_point:
+                raise ValueError(f"uncond_ids must be one null condition [L, d] (or [1, L, d]) of embeddings, got "
+                                 f"shape {tuple(uncond_ids.shape)} and dtype {uncond_ids.dtype}")
             inferred = uncond_ids.shape[0]
             if num_cond_tokens is not None and num_cond_tokens != inferred:
                 raise ValueError(f"uncond_ids has {inferred} positions but num_cond_tokens={num_cond_tokens}")
@@ -195,6 +204,7 @@ class HFCausalLMAdapter(BackboneAdapter):
         self._cond_mask: torch.Tensor | None = None
         self._cache_args: tuple[int, int, torch.dtype] | None = None
         self._seen = 0  # positions held by the cache
+        self._check_logits_match_the_model()
 
     # -- detection ---------------------------------------------------------------------------
     @classmethod
@@ -363,6 +373,10 @@ class HFCausalLMAdapter(BackboneAdapter):
         """Drop cached positions from `length` on (to re-run them)."""
         if self._cache is None:
             return
+        if self.cache_kind == "static":  # transformers' StaticCache keeps its own fill count: no rewinding
+            raise ValueError(f"input_pos starts at {length}, before the {self._seen} positions a cache='static' "
+                             f"holds: a static cache cannot drop positions; feed them in order, start again at "
+                             f"0, or use cache='dynamic'")
         if hasattr(self._cache, "crop"):
             self._cache.crop(length - self._seen)
         else:  # legacy tuple of (key, value) per layer
@@ -431,6 +445,31 @@ class HFCausalLMAdapter(BackboneAdapter):
         if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
             logits = logits * scale
         return logits
+
+    @torch.no_grad()
+    def _check_logits_match_the_model(self) -> None:
+        """One 2-token forward through the model's own `forward` and through this adapter: an LM whose logits
+        are post-processed in a way `head` does not reproduce (Granite divides by `logits_scaling`,
+        HyperCLOVA X multiplies by it, ...) is refused instead of being sampled from with wrong logits."""
+        if self.image_head is not None or self.image_embedding is not None:
+            return  # the model's own forward does not run the separate image parts
+        weight = self.embedding_weight
+        if weight.device.type == "meta":
+            return
+        from ..generation import evaluating
+
+        lo, n = self.image_token_offset, self.image_vocab_size
+        ids = torch.arange(min(2, n), device=weight.device)[None]
+        with evaluating(self.model):
+            expected = self.model(input_ids=ids + lo, use_cache=False).logits[..., lo: lo + n].float()
+            got = self.head(self.forward_hidden(self.embed_tokens(ids)))
+        scale = float(expected.abs().max()) or 1.0
+        error = float((got - expected).abs().max()) / scale
+        if not error <= 2e-2:  # same ops in the same dtype: only reduction-order rounding is expected
+            raise ValueError(f"{type(self.model).__name__}'s own logits differ from head(forward_hidden(...)) by "
+                             f"{error:.2g} of their scale: its forward post-processes the LM head's output in a way "
+                             f"HFCausalLMAdapter does not reproduce (supported: final_logit_softcapping, "
+                             f"logit_scale); pass image_head= with a module that computes the image logits")
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
