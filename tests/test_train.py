@@ -373,3 +373,10 @@ def test_codes_dataset_feeds_the_trainer(tmp_path):
     trainer = Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, batch_size=4, mixed_precision="bf16"))
     metrics = trainer.train()
     assert metrics["step"] == 2 and math.isfinite(metrics["loss"])
+
+
+def test_trainer_defers_the_adaptive_accuracy_only_while_training(tmp_path):
+    wrapper = make_wrapper(noise_schedule="adaptive")
+    Trainer(wrapper, random_dataset(), config(tmp_path, max_steps=2)).train()
+    assert wrapper.encoder.draft_accuracy.min() > 0 and wrapper._pending_accuracy is None  # folded in every step
+    assert wrapper.defer_draft_accuracy is False  # a later hand-written loop updates on every forward again

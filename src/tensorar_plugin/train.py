@@ -333,7 +333,6 @@ class Trainer:
         if device is not None:
             cfg.device = str(device)
         self.wrapper = wrapper
-        wrapper.defer_draft_accuracy = True  # `adaptive` noise moves once per optimizer step (`_train_step`)
         self.dataset = dataset
         self._owns_process_group = init_distributed(cfg.device)
         self.rank, self.world_size, self.local_rank = distributed_info()
@@ -580,6 +579,7 @@ class Trainer:
                 self.save_final()  # the run ended after its last checkpoint but before writing final/
             return self.last_metrics
         self.wrapper.train()
+        deferred, self.wrapper.defer_draft_accuracy = self.wrapper.defer_draft_accuracy, True  # see _train_step
         batches = self._micro_batches(self.step)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="fine-tuning", unit="step",
                    disable=not (self.is_main and cfg.progress), dynamic_ncols=True)
@@ -602,6 +602,7 @@ class Trainer:
         finally:
             bar.close()
             batches.close()
+            self.wrapper.defer_draft_accuracy = deferred
         if self.step >= cfg.max_steps:
             if cfg.ckpt_every and self._last_saved_step != self.step:
                 self.save_checkpoint()

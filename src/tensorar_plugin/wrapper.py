@@ -342,7 +342,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
     def _track_draft_accuracy(self, per_token_ce: torch.Tensor, targets: torch.Tensor) -> None:
         """EMA of the probability that a draft sampled from slot `j` is the true token (`E[p(target)]`).
 
-        Updated on every training forward, or, with `defer_draft_accuracy = True` (the `Trainer` sets it),
+        Updated on every training forward, or, with `defer_draft_accuracy = True` (as during `Trainer.train()`),
         summed until `update_draft_accuracy()` folds one optimizer step's worth in, over every process.
         """
         valid = targets != IGNORE_INDEX
