@@ -62,7 +62,9 @@ def test_toy_model_cached_generation_equals_uncached(window, kv_cache):
         assert cached.shape == (3, 16)
         assert torch.equal(cached, wrapper.generate(labels, cfg_scale=cfg, use_cache=False, **GREEDY))
     # a second, shorter call reuses the caches
+    kept = adapter._caches
     assert torch.equal(wrapper.generate(labels, 5, **GREEDY), wrapper.generate(labels, 5, use_cache=False, **GREEDY))
+    assert not kv_cache or adapter._caches is kept
     with torch.inference_mode():  # caches made here (new batch size) cannot be written outside it: reallocated
         inside = wrapper.generate(labels[:2], 5, **GREEDY)
     assert torch.equal(wrapper.generate(labels[:2], 5, **GREEDY), inside)

@@ -369,7 +369,7 @@ class ModuleAdapter(BackboneAdapter):
             caches = self._caches
             if caches is not None and caches[0].batch_size == batch_size \
                     and caches[0].max_seq_length >= max_seq_length and caches[0].dtype == dtype \
-                    and updatable_here(caches[0].keys):
+                    and caches[0].device == self.device and updatable_here(caches[0].keys):
                 return  # reused: stale entries past the current position are masked out
             self._caches = [KVCache(batch_size, max_seq_length, dtype, self.device) for _ in self.blocks]
         else:
