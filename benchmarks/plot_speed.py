@@ -1,6 +1,10 @@
 """Draw `benchmarks/speed.py`'s JSON: a bar chart (ms per batch, log scale) and a markdown table.
 
     python benchmarks/plot_speed.py benchmarks/results/speed_h100.json --out docs/img/speed.png
+    python benchmarks/plot_speed.py B.json L.json XL.json --merged-json benchmarks/results/speed_h100.json
+
+Several files (one `speed.py` call per model, as a device with a per-command time limit needs) are merged:
+rows and checks in the order given, a later file's rows replacing an earlier file's for the same model.
 
 Needs matplotlib (the `bench` extra). The table goes to stdout, ready for docs/benchmarks.md.
 """
@@ -82,12 +86,42 @@ def plot(data: dict, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from several `speed.py` files: same device, torch, dtype and window required; the meta of
+    the first, with every file's command; targets re-evaluated over the merged rows."""
+    first = results[0]["meta"]
+    for result in results[1:]:
+        differing = [key for key in ("device", "torch", "dtype", "window", "cfg_scale")
+                     if result["meta"].get(key) != first.get(key)]
+        if differing:
+            raise SystemExit(f"error: the files differ in {', '.join(differing)}: their rows are not comparable")
+    rows: list[dict] = []
+    checks: dict = {}
+    for result in results:
+        models = {row["model"] for row in result["rows"]}
+        rows = [row for row in rows if row["model"] not in models] + result["rows"]
+        checks.update(result.get("checks", {}))
+    meta = {**first, "commands": [result["meta"].get("command") for result in results]}
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from speed import evaluate_targets
+
+    return {"meta": meta, "rows": rows, "checks": checks, "targets": evaluate_targets(rows, first["window"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="a file written by benchmarks/speed.py")
+    parser.add_argument("json", type=Path, nargs="+", help="file(s) written by benchmarks/speed.py")
     parser.add_argument("--out", type=Path, default=Path("docs/img/speed.png"))
+    parser.add_argument("--merged-json", type=Path, default=None, help="also write the merged result here")
     args = parser.parse_args(argv)
-    data = json.loads(args.json.read_text())
+    results = [json.loads(path.read_text()) for path in args.json]
+    data = results[0] if len(results) == 1 else merge(results)
+    if args.merged_json is not None:
+        args.merged_json.parent.mkdir(parents=True, exist_ok=True)
+        args.merged_json.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.merged_json}")
     print(markdown_table(data))
     plot(data, args.out)
     print(f"\nwrote {args.out}")

@@ -46,6 +46,24 @@ def test_speed_benchmark_table_json_check_and_plot(tmp_path, capsys):
     assert "| micro | 1 |" in table and "| other | 1 |" in table
     assert (tmp_path / "speed.png").stat().st_size > 0
 
+    # one file per model (a device's per-command limit) merged locally; --append never starts a new file
+    with pytest.raises(SystemExit, match="--append: .*missing.json does not exist"):
+        speed.main(["--models", "micro", "--json", str(tmp_path / "missing.json"), "--append"])
+    second = json.loads(out.read_text())
+    second["rows"] = [{**row, "model": "big"} for row in second["rows"]]
+    second["meta"]["command"] = "second"
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    merged_path = tmp_path / "merged.json"
+    assert plot.main([str(out), str(tmp_path / "second.json"), "--out", str(tmp_path / "m.png"),
+                      "--merged-json", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert [(r["model"], r["batch"]) for r in merged["rows"]] == [("other", 1), ("micro", 1), ("big", 1), ("big", 1)]
+    assert merged["meta"]["commands"][-1] == "second" and len(merged["targets"]) == 4
+    second["meta"]["dtype"] = "bf16"
+    (tmp_path / "second.json").write_text(json.dumps(second))
+    with pytest.raises(SystemExit, match="differ in dtype"):
+        plot.main([str(out), str(tmp_path / "second.json"), "--out", str(tmp_path / "m.png")])
+
 
 def test_speed_benchmark_rejects_unknown_models(capsys):
     with pytest.raises(SystemExit):
