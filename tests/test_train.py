@@ -353,6 +353,14 @@ def test_cli_reports_bad_data_naming_the_file(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "toy64_codes/0.npy: wrong grid size: 36 tokens per image, expected 16" in err
+    # a bad file met in a DataLoader worker: the same one line, not the worker's wrapped traceback
+    np.save(tmp_path / "codes" / "toy64_codes" / "0.npy", np.zeros((1, 2, 16), dtype=np.int64))
+    np.save(tmp_path / "codes" / "toy64_codes" / "3.npy", np.full((1, 2, 16), 99, dtype=np.int64))
+    rc = main(["finetune", "--model", str(tmp_path / "tiny.pt"), *TINY_FLAGS, "--codes", str(tmp_path / "codes"),
+               "--out", str(tmp_path / "run2"), "--steps", "2", "--batch-size", "2", "--no-progress",
+               "--num-workers", "1", "--no-augment"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "toy64_codes/3.npy" in err and "Original Traceback" not in err, err
 
 
 def test_cli_options_all_have_help():

@@ -26,6 +26,17 @@ COMMAND_MODULES = (
 )
 
 
+def error_message(error: BaseException) -> str:
+    """The message of a user error, without the wrapping a DataLoader worker adds ("Caught ValueError in
+    DataLoader worker process 0. Original Traceback ...": the original message is its last line)."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        prefix = f"{type(error).__name__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorar", description="TensorAR: next-tensor prediction for "
                                      "autoregressive image generation.")
@@ -48,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if os.environ.get("TENSORAR_TRACEBACK"):
             raise
-        print(f"tensorar {args.command}: error: {error}\n(set TENSORAR_TRACEBACK=1 to see where it was raised)",
-              file=sys.stderr)
+        print(f"tensorar {args.command}: error: {error_message(error)}\n(set TENSORAR_TRACEBACK=1 to see where it "
+              f"was raised)", file=sys.stderr)
         return 2
 
 

@@ -7,8 +7,8 @@ exactly what the base model computes; fine-tuning then grows them from there.
   query go through `depth` bidirectional blocks (timm ViT layout); the query's output, projected back to the model
   width, is added to the base embedding of the window's first token.
 * `TensorDecoder`: one backbone hidden state is copied into `k` slot tokens (plus slot embeddings),
-  mixed by `depth` blocks, and projected to `k` residual updates of that hidden state. Slot 0 gets
-  no update: its logits are always the base model's own.
+  mixed by `depth` blocks, and projected to `k - 1` residual updates of that hidden state (slots
+  1..k-1). Slot 0 gets no update: its logits are always the base model's own.
 
 Both work at an inner width `hidden_dim` (default half the model width) to keep the overhead near
 the paper's +4.6% of LlamaGen-B.

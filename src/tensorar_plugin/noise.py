@@ -7,7 +7,7 @@ input (the paper's "information leakage"). `beta` rises from 0 (slot 0, never no
 `max_noise` (last slot) along a schedule evaluated at `u_j = j / (k - 1)`.
 
 `TensorARWrapper(noise_schedule="adaptive")` (our extension, see docs/tensorar.md) instead sets
-`beta(j) = 1 - a_j` from a running estimate `a_j` of how often the model's own slot-`j` prediction
+`beta(j) = max_noise * (1 - a_j)` from a running estimate `a_j` of how often the model's own slot-`j` prediction
 is right, so training drafts are exactly as reliable as the drafts generation will feed back.
 """
 

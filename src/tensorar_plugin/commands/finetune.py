@@ -215,7 +215,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"fine-tuned to step {trainer.step}" + (f" (loss {loss:.4f})" if loss is not None else "")
                   + f"; model saved to {trainer.out_dir / 'final'}")
     except (ValueError, FileNotFoundError) as exc:
-        print(f"tensorar finetune: error: {exc}", file=sys.stderr)
+        from ..cli import error_message
+
+        print(f"tensorar finetune: error: {error_message(exc)}", file=sys.stderr)
         return 2
     finally:
         if owns_group and torch.distributed.is_initialized():
