@@ -136,7 +136,7 @@ class LlamaGenAdapter(BackboneAdapter):
         mask = getattr(self.model, "causal_mask", None)
         reusable = (cache is not None and mask is not None and cache.k_cache.dtype == dtype
                     and cache.k_cache.device == self.device and cache.k_cache.shape[0] == batch_size
-                    and cache.k_cache.shape[2] >= max_seq_length and tuple(mask.shape[:1]) == (batch_size,)
+                    and cache.k_cache.shape[2] >= max_seq_length and mask.shape[0] == batch_size
                     and mask.shape[-1] == cache.k_cache.shape[2] and updatable_here(cache.k_cache))
         if not reusable:  # static caches are reused: stale entries past the current position are masked out
             with torch.device(self.device):  # the reference allocates on the default device

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
-import sys
 from typing import Any
 
 __all__ = ["register", "run", "parse_overrides"]
@@ -214,12 +213,7 @@ def run(args: argparse.Namespace) -> int:
             loss = metrics.get("loss")
             print(f"fine-tuned to step {trainer.step}" + (f" (loss {loss:.4f})" if loss is not None else "")
                   + f"; model saved to {trainer.out_dir / 'final'}")
-    except (ValueError, FileNotFoundError) as exc:
-        from ..cli import error_message
-
-        print(f"tensorar finetune: error: {error_message(exc)}", file=sys.stderr)
-        return 2
-    finally:
+    finally:  # bad data and settings reach the user as one `error:` line through cli.main
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
