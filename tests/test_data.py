@@ -270,3 +270,12 @@ def test_center_crop():
 
     out = center_crop(Image.new("RGB", (100, 60)), 16)
     assert out.size == (16, 16)
+    # a 120x60 image, red | green | blue in vertical thirds: the 16x16 crop of its 32x16 resize is the middle
+    stripes = np.zeros((60, 120, 3), np.uint8)
+    for third in range(3):
+        stripes[:, 40 * third: 40 * (third + 1), third] = 255
+    crop = np.asarray(center_crop(Image.fromarray(stripes), 16)).astype(int)
+    assert crop.shape == (16, 16, 3)
+    assert (crop[:, 3:13, 1] > 200).all() and (crop[:, 3:13, [0, 2]] < 60).all()  # green inside, away from the edges
+    tall = np.asarray(center_crop(Image.fromarray(stripes.transpose(1, 0, 2).copy()), 16)).astype(int)
+    assert (tall[3:13, :, 1] > 200).all()  # the same along the other axis
