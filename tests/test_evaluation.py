@@ -172,6 +172,7 @@ def test_a_failed_png_write_stops_the_run_and_leaves_no_partial_file(demo, tmp_p
 
     def save(image, fp, *args, **kwargs):
         if str(fp).endswith(".000002.tmp.png"):
+            Path(fp).write_bytes(b"\x89PNG half")  # the failure comes after part of the file was written
             raise OSError("disk full")
         return original(image, fp, *args, **kwargs)
 
@@ -180,6 +181,7 @@ def test_a_failed_png_write_stops_the_run_and_leaves_no_partial_file(demo, tmp_p
         sample_images(demo.wrapper, demo.vq, tmp_path, num_samples=4, batch_size=4, grid=demo.info["grid"],
                       progress=False, **SAMPLING)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png", "000001.png", "000003.png"]
+    assert not list(tmp_path.glob(".*.png"))  # nor a hidden partial file
 
 
 def test_sampling_refuses_a_folder_with_foreign_images(demo, tmp_path):

@@ -170,7 +170,11 @@ def _atomic(target: Path) -> Iterator[Path]:
     """A hidden temporary path beside `target` (same suffix), renamed onto it when the block succeeds: a file
     that exists is complete, so an interrupted run never leaves half-written samples or records."""
     tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind, not even the hidden partial file
+        raise
     tmp.replace(target)
 
 
