@@ -165,6 +165,10 @@ def test_resuming_with_other_settings_is_an_error(demo, tmp_path):
         sample_images(demo.wrapper, demo.vq, tmp_path, **kwargs, **{**SAMPLING, "cfg_scale": 3.0})
     with pytest.raises(ValueError, match="other settings .*labels"):
         sample_images(demo.wrapper, demo.vq, tmp_path, labels=torch.tensor([3, 3]), **kwargs, **SAMPLING)
+    # numpy scalars are recorded as the numbers they are: the same value resumes, another is refused
+    sample_images(demo.wrapper, demo.vq, tmp_path, **kwargs, **{**SAMPLING, "cfg_scale": np.float64(2.0)})
+    with pytest.raises(ValueError, match=r"other settings \(top_k: 0 there, 5 now\)"):
+        sample_images(demo.wrapper, demo.vq, tmp_path, **kwargs, **{**SAMPLING, "top_k": np.int64(5)})
 
 
 def test_a_failed_png_write_stops_the_run_and_leaves_no_partial_file(demo, tmp_path, monkeypatch):

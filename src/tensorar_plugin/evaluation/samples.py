@@ -125,7 +125,7 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "labels": label_mode,
                 "num_classes": num_classes, "eval_size": eval_size,
-                **{k: v for k, v in sampling.items() if isinstance(v, (int, float, str, bool, type(None)))},
+                **{k: _recordable(v) for k, v in sampling.items()},
                 **(extra_settings or {})}
     if rank == 0:
         _prepare_folder(folder, settings, labels, create=True)
@@ -163,6 +163,18 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
         _wait(pending, keep=0)
     bar.close()
     return folder
+
+
+def _recordable(value: Any) -> Any:
+    """A sampling setting as JSON can hold it, so that a resume with another value is noticed: numpy
+    scalars become numbers, tensors (a `cond_mask`) lists, anything else its repr."""
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return repr(value)
 
 
 @contextmanager
