@@ -85,6 +85,14 @@ def test_root_may_be_the_codes_folder_itself_and_files_sort_numerically(tmp_path
     write_layout(tmp_path, codes, list(range(12)))
     ds = CodesDataset(tmp_path / "imagenet64_codes")
     assert [int(ds[i][1]) for i in range(12)] == list(range(12))  # 10.npy after 9.npy
+    for folder in ("imagenet64_codes", "imagenet64_labels"):  # zero-padded names, as other tools write them
+        for path in (tmp_path / folder).glob("*.npy"):
+            path.rename(path.with_name(f"{int(path.stem):05d}.npy"))
+    padded = CodesDataset(tmp_path / "imagenet64_codes")
+    assert [int(padded[i][1]) for i in range(12)] == list(range(12)) and padded.code_path(3).name == "00003.npy"
+    (tmp_path / "imagenet64_codes" / "3.npy").write_bytes((tmp_path / "imagenet64_codes" / "00003.npy").read_bytes())
+    with pytest.raises(ValueError, match=r"00003.npy and 3.npy are the same item number"):
+        CodesDataset(tmp_path / "imagenet64_codes")
 
 
 # -- CodesDataset: errors name the file -----------------------------------------------------------

@@ -20,6 +20,7 @@ resumed run sees exactly the augmentations the uninterrupted run would have seen
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -196,17 +197,21 @@ class CodesDataset(_AugmentedDataset):
             raise ValueError(f"{labels}: missing label folder for the codes in {codes}")
         return codes, labels
 
-    def _list_items(self) -> list[int]:
-        indices = sorted(int(p.stem) for p in self.codes_dir.glob("*.npy") if p.stem.isdigit())
-        if not indices:
+    def _list_items(self) -> list[str]:
+        """The file stems of the items in numeric order ("10" after "9"; zero-padded names kept as written)."""
+        stems = sorted((p.stem for p in self.codes_dir.glob("*.npy") if p.stem.isdigit()), key=lambda s: (int(s), s))
+        if not stems:
             raise ValueError(f"{self.codes_dir}: no <i>.npy code files")
+        for a, b in itertools.pairwise(stems):
+            if int(a) == int(b):
+                raise ValueError(f"{self.codes_dir}: {a}.npy and {b}.npy are the same item number")
         label_files = {p.name for p in self.labels_dir.glob("*.npy")}
-        missing = [i for i in indices if f"{i}.npy" not in label_files]
+        missing = [stem for stem in stems if f"{stem}.npy" not in label_files]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ValueError(f"{self.labels_dir / f'{missing[0]}.npy'}: missing label file for "
                              f"{self.codes_dir / f'{missing[0]}.npy'}{more}")
-        return indices
+        return stems
 
     def code_path(self, index: int) -> Path:
         return self.codes_dir / f"{self.indices[index]}.npy"
@@ -236,9 +241,12 @@ class CodesDataset(_AugmentedDataset):
         path = self.label_path(index)
         return _label_value(self._load(path), self.num_classes, str(path))
 
-    def verify(self) -> None:
-        """Read and check every file (ValueError naming the first bad one)."""
-        for index in range(len(self)):
+    def verify(self, progress: bool = True) -> None:
+        """Read and check every file (ValueError naming the first bad one); ImageNet's 1.28M items take a while."""
+        from tqdm import tqdm
+
+        quiet = not progress or len(self) < 1000
+        for index in tqdm(range(len(self)), desc="checking codes", unit="file", disable=quiet):
             self._read_codes(index)
             self._read_label(index)
 
