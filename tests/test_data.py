@@ -202,8 +202,9 @@ def test_token_dataset_errors():
         TokenDataset(torch.zeros(2, 16), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="class ids"):
         TokenDataset(torch.zeros(2, 16, dtype=torch.long), torch.tensor([0, 3]), num_classes=3)
-    with pytest.raises(ValueError, match=r"look like \[N, h, w\] token grids"):  # not 4 augmentations of 4 tokens
-        TokenDataset(torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.warns(UserWarning, match=r"read as \[N, n_aug=4, 4 tokens\]; if they are \[N, h, w\] token grids"):
+        ambiguous = TokenDataset(torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert ambiguous.num_augmentations == 4 and ambiguous.num_tokens == 4  # read as documented, and said so
     two_views = TokenDataset(torch.zeros(2, 2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     assert two_views.num_augmentations == 2
 

@@ -236,8 +236,12 @@ def test_generate_restores_training_mode_and_runs_in_bf16():
     assert not any(module.training for module in wrapper.base_model.modules() if not isinstance(module, KVCache))
     model = tiny_llamagen().train()
     model.layers[0].eval()
+    calls = []
+    original_train = type(model.layers[1]).train
+    model.layers[1].train = lambda mode=True: (calls.append(mode), original_train(model.layers[1], mode))[1]
     sample_plain(model, CLASSES, num_tokens=4)
     assert model.training and not model.layers[0].training and model.layers[1].training
+    assert calls[-1] is True  # modes come back through train(), so overrides of it run
     bf16 = wrapped(4).to(torch.bfloat16)
     tokens = bf16.generate(CLASSES, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (4, 16) and tokens.dtype == torch.long
@@ -270,6 +274,10 @@ def test_numpy_scalar_sampling_values_act_as_python_numbers():
     import numpy as np
 
     wrapper = wrapped(2)
+    assert torch.equal(wrapper.generate(CLASSES, greedy=np.bool_(True), draft="argmax"),
+                       wrapper.generate(CLASSES, greedy=True, draft="argmax"))
+    cold = wrapper.generate(CLASSES, temperature=1e-5, draft="argmax", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cold, wrapper.generate(CLASSES, greedy=True, draft="argmax"))  # a tiny temperature is argmax
     kwargs = dict(cfg_scale=2.0, temperature=0.8, top_p=0.9, top_k=5)
     as_numpy = {key: (np.int64(v) if isinstance(v, int) else np.float32(v)) for key, v in kwargs.items()}
     assert torch.equal(wrapper.generate(CLASSES, generator=torch.Generator().manual_seed(0), **as_numpy),

@@ -362,3 +362,37 @@ def test_static_cache_refuses_to_rewind_and_dynamic_cache_rewinds_exactly():
                     adapter.forward_hidden(again, torch.arange(4, 7))
             else:
                 torch.testing.assert_close(adapter.forward_hidden(again, torch.arange(4, 7)), reference[:, 4:])
+
+
+def test_models_that_mask_image_logits_in_their_own_forward_pass_the_self_check():
+    """Chameleon (and Anole, Lumina-mGPT) sets image-token logits to the dtype minimum in its text forward:
+    masked logits say nothing about the head, so they are left out of the construction-time comparison."""
+    vocab = {f"t{i}": i for i in range(32)}
+    for j in range(32):
+        vocab["IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in f"{j:02d}") + "Z"] = 32 + j
+    vocab["<image>"] = 31
+    config = transformers.ChameleonConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, vocabulary_map=vocab, image_token_id=31,
+        vq_config=dict(embed_dim=8, num_embeddings=32, base_channels=32, channel_multiplier=[1, 1],
+                       num_res_blocks=1, attn_resolutions=[]))
+    torch.manual_seed(0)
+    chameleon = transformers.ChameleonForConditionalGeneration(config).eval()
+    adapter = HFCausalLMAdapter(chameleon, image_token_offset=32, image_vocab_size=32, max_image_tokens=16)
+    tokens = sample_plain(adapter, torch.tensor([[1, 2, 3]]), num_tokens=8, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (1, 8) and int(tokens.max()) < 32
+
+
+def test_meta_device_models_and_unchecked_heads_build():
+    """Building on the meta device (weights loaded later) checks uncond_ids by shape only; check_logits=False
+    skips the forward."""
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=128)
+    with torch.device("meta"):
+        lm = transformers.LlamaForCausalLM(config)
+        adapter = HFCausalLMAdapter(lm, image_token_offset=256, uncond_ids=[0, 1, 2], max_image_tokens=16)
+    assert adapter.num_cond_tokens == 3 and adapter.uncond_ids.device.type == "meta"
+    granite_like = transformers.GraniteConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
+                                              logits_scaling=8.0)
+    HFCausalLMAdapter(transformers.GraniteForCausalLM(granite_like).eval(), check_logits=False)  # opted out

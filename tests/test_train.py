@@ -197,6 +197,11 @@ def test_config_validation(tmp_path):
     for clip in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="grad_clip"):
             TrainConfig(grad_clip=clip)
+    import numpy as np
+
+    numpy_config = TrainConfig(lr=np.float32(1e-3), max_steps=np.int64(5), keep_checkpoints=np.int64(2))
+    assert type(numpy_config.lr) is float and type(numpy_config.max_steps) is int  # saved as JSON
+    json.dumps(numpy_config.to_dict())
     for name, value in (("lr", "1e-3"), ("keep_checkpoints", 1.5), ("eps", -1.0), ("shuffle", "no"),
                         ("out_dir", None), ("min_lr_ratio", float("nan"))):
         with pytest.raises(ValueError, match=name):

@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -281,9 +282,10 @@ class TokenDataset(_AugmentedDataset):
             raise ValueError(f"codes must hold integer token ids, got dtype {codes.dtype}")
         if codes.ndim == 2:
             codes = codes[:, None]
-        elif codes.ndim == 3 and codes.shape[1] == codes.shape[2] > 1:
-            raise ValueError(f"codes of shape {tuple(codes.shape)} look like [N, h, w] token grids, which read as "
-                             f"[N, n_aug, h*w] would be wrong: pass codes.reshape(len(codes), -1)")
+        elif codes.ndim == 3 and codes.shape[1] == codes.shape[2] > 1:  # ambiguous: say how it is read
+            warnings.warn(f"codes of shape {tuple(codes.shape)} are read as [N, n_aug={codes.shape[1]}, "
+                          f"{codes.shape[2]} tokens]; if they are [N, h, w] token grids, pass "
+                          f"codes.reshape(len(codes), -1)", stacklevel=2)
         if codes.ndim != 3 or codes.shape[0] == 0 or codes.shape[1] == 0:
             raise ValueError(f"codes must have shape [N, h*w] or [N, n_aug, h*w] with N >= 1, got "
                              f"{tuple(codes.shape)}")

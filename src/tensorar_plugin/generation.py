@@ -43,9 +43,10 @@ def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     module.eval()
     try:
         yield module
-    finally:
+    finally:  # parents first, then each child its own mode, through train() so that overrides of it run
         for sub, training in modes:
-            sub.training = training
+            if sub.training != training:
+                sub.train(training)
 
 
 class GenerationOutput(NamedTuple):
@@ -106,6 +107,7 @@ def generate_windows(
     """
     check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, greedy=greedy)
     temperature, top_k, top_p, cfg_scale = float(temperature), int(top_k), float(top_p), float(cfg_scale)
+    greedy = bool(greedy)
     if draft not in DRAFT_MODES:
         raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
     if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool):
@@ -212,15 +214,18 @@ class WindowRule:
         return torch.cat([final, drafts], dim=1)
 
 
-def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: int, guided: bool) -> torch.Tensor:
-    """Validate a `[B, n_cond]` condition mask; boolean, duplicated for the null half under guidance."""
+def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: int, guided: bool,
+                    check_values: bool = True) -> torch.Tensor:
+    """Validate a `[B, n_cond]` condition mask; boolean, duplicated for the null half under guidance.
+
+    `check_values=False` skips the 0/1 check, the one part that reads the mask back from the device."""
     if not adapter.condition_mask_supported():
         raise ValueError(f"cond_mask is not supported by {type(adapter).__name__}")
     expected = (batch, adapter.num_cond_tokens)
     if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != expected:
         raise ValueError(f"cond_mask must have shape {expected} (batch, condition tokens), got "
                          f"{tuple(getattr(cond_mask, 'shape', ()))}")
-    if cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
+    if check_values and cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
         raise ValueError("cond_mask must hold only 1 (real token) and 0 (padding)")
     cond_mask = cond_mask.to(adapter.device).bool()
     return torch.cat([cond_mask, cond_mask]) if guided else cond_mask

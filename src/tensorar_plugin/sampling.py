@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 __all__ = ["check_sampling_args", "filter_logits", "sample_tokens", "guided_logits", "race_noise"]
 
 
-#: below this temperature `logits / temperature` overflows float32 for ordinary logits; greedy is meant
-MIN_TEMPERATURE = 1e-4
+#: below this temperature `logits / temperature` can overflow float32 (|logits| up to 3e8); greedy is meant
+MIN_TEMPERATURE = 1e-30
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -49,7 +50,7 @@ def check_sampling_args(*, temperature: float = 1.0, top_k: int = 0, top_p: floa
     value = _real(cfg_scale)
     if value is None or value < 0:
         raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
-    if not isinstance(greedy, bool):
+    if not isinstance(greedy, (bool, np.bool_)):
         raise ValueError(f"greedy must be True or False, got {greedy!r}")
 
 

@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import time
@@ -108,10 +109,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        for name in ("lr", "weight_decay", "min_lr_ratio"):
+        # numbers of any kind (numpy scalars too) become Python ints and floats: the config is saved as JSON
+        for name in ("lr", "weight_decay", "min_lr_ratio", "eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "warmup_steps", "ckpt_every",
+                     "num_workers", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
+        for name in ("grad_clip", "ema_decay"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                setattr(self, name, float(value))
         if self.lr <= 0:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -131,7 +143,7 @@ class TrainConfig:
         keep = self.keep_checkpoints
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"keep_checkpoints must be an integer >= 1 or None, got {keep!r}")
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+        if self.eps <= 0:
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
         for name in ("shuffle", "fsdp", "progress"):
             if not isinstance(getattr(self, name), bool):

@@ -290,7 +290,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         cond_embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)
         mask_kwargs = {}
         if cond_mask is not None:
-            mask_kwargs["cond_mask"] = check_cond_mask(cond_mask, self.adapter, tokens.shape[0], guided=False)
+            mask_kwargs["cond_mask"] = check_cond_mask(cond_mask, self.adapter, tokens.shape[0], guided=False,
+                                                       check_values=validate)
         windows = None
         if tokens.shape[1] > 1:
             windows = input_windows(tokens, k)

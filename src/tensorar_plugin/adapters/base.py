@@ -16,12 +16,13 @@ from torch import nn
 __all__ = ["BackboneAdapter"]
 
 
-def check_id_tensor(cond, *, name: str, dims: int, layout: str, what: str, upper: int) -> None:
+def check_id_tensor(cond, *, name: str, dims: int, layout: str, what: str, upper: int | None) -> None:
     """`ValueError` naming `name` unless `cond` is an integer tensor with `dims` dimensions whose ids lie in
-    `[0, upper)`; `layout` and `what` word the two messages ("a 1-D integer tensor of class ids", "class ids")."""
+    `[0, upper)` (`upper=None`: shape and dtype only); `layout` and `what` word the two messages ("a 1-D
+    integer tensor of class ids", "class ids")."""
     if cond.dim() != dims or cond.dtype.is_floating_point or cond.dtype == torch.bool:
         raise ValueError(f"{name} must be {layout}, got shape {tuple(cond.shape)} and dtype {cond.dtype}")
-    if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= upper):
+    if upper is not None and cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= upper):
         raise ValueError(f"{name} holds {what} outside [0, {upper - 1}] "
                          f"(min {int(cond.min())}, max {int(cond.max())})")
 

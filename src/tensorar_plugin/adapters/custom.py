@@ -25,6 +25,7 @@ re-running the stored prefix each step: simpler, but quadratic in the sequence l
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -232,7 +233,8 @@ class ModuleAdapter(BackboneAdapter):
             if not isinstance(rows, int):
                 raise ValueError("max_image_tokens is required unless pos_embedding is a table or an nn.Embedding")
             max_image_tokens = rows - num_cond_tokens
-        if isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int) or max_image_tokens < 1:
+        if isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, numbers.Integral) \
+                or max_image_tokens < 1:
             raise ValueError(f"max_image_tokens must be an integer >= 1, got {max_image_tokens!r}")
         if isinstance(rows, int) and num_cond_tokens + max_image_tokens > rows:
             raise ValueError(f"max_image_tokens={max_image_tokens} with num_cond_tokens={num_cond_tokens} needs "
