@@ -651,8 +651,8 @@ def load_llamagen(
     sets ``block_size`` (``(image_size // 16) ** 2``), and ``config_overrides`` set any other
     `LlamaGenConfig` field. The weights load with strict key and shape checking (ValueError naming
     missing / unexpected keys, shape mismatches and the preset tried); the model is then moved to
-    ``device`` and cast to ``dtype`` (default float32). ``model.hub_info`` holds the registry entry
-    (with ``image_size`` updated when given) or None.
+    ``device`` and cast to ``dtype`` (default: torch's default dtype, float32 unless changed).
+    ``model.hub_info`` holds the registry entry (with ``image_size`` updated when given) or None.
     """
     path, info = _resolve_kind(name_or_path, "gpt", cache_dir=cache_dir, revision=revision,
                                local_files_only=local_files_only)
