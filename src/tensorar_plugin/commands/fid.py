@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .sample import resolve_device
+
 __all__ = ["register", "run"]
 
 
@@ -33,8 +35,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from ..evaluation import InceptionFeatures, compute_fid
     from ..evaluation.fid import count_images
 
@@ -43,7 +43,7 @@ def run(args) -> int:
     for name in ("samples", "reference"):
         if not Path(getattr(args, name)).exists():
             raise SystemExit(f"error: {name} {getattr(args, name)} does not exist")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         features = InceptionFeatures(args.inception)
     except FileNotFoundError as err:
