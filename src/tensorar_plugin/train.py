@@ -370,7 +370,6 @@ class Trainer:
         if cfg.save_backbone is False and any(p.requires_grad for p in wrapper.base_model.parameters()):
             raise ValueError("save_backbone=False, but the backbone is trained: its checkpoints and final weights "
                              "would lose the backbone's updates; freeze it (freeze_backbone=True) or save it")
-        self._class_labels = wrapper.adapter.num_classes is not None
         params = dict(wrapper.named_parameters())
         decay = [n for n in self.param_names if params[n].ndim >= 2]
         no_decay = [n for n in self.param_names if params[n].ndim < 2]
@@ -522,7 +521,7 @@ class Trainer:
         for micro in range(accum):
             codes, cond = next(batches)
             codes = codes.reshape(codes.shape[0], -1)
-            if self._class_labels and cond.dim() == 2 and cond.shape[1] == 1:
+            if self.wrapper.adapter.num_classes is not None and cond.dim() == 2 and cond.shape[1] == 1:
                 cond = cond[:, 0]  # labels stored as [1] arrays per item (LlamaGen's layout)
             if codes.device.type == "cpu" and cond.device.type == "cpu":  # checked before the copy: no device sync
                 self._check_batch(codes, cond)
@@ -558,7 +557,7 @@ class Trainer:
             self.wrapper.adapter.check_condition(cond, codes.shape[0])
             self.wrapper._check_tokens(codes)
             classes = self.wrapper.adapter.num_classes
-            if self._class_labels and cond.numel() and int(cond.max()) >= classes:
+            if classes is not None and cond.numel() and int(cond.max()) >= classes:
                 raise ValueError(f"labels must lie in [0, {classes - 1}], got {int(cond.max())} (id {classes} is "
                                  f"the null class that label dropout uses; were the labels 1-based?)")
         except ValueError as error:
