@@ -63,3 +63,23 @@ def tiny_c2i() -> LlamaGen:
 @pytest.fixture
 def tiny_t2i() -> LlamaGen:
     return tiny_llamagen(model_type="t2i", cls_token_num=5, n_kv_head=2)
+
+
+@pytest.fixture
+def cli_error(capsys, monkeypatch):
+    """Run `tensorar ARGV` expecting a mistake in its input: exit code 2 and one `tensorar CMD: error:` line
+    on stderr (no traceback). Returns the message after `error: `."""
+    from tensorar_plugin.cli import main
+
+    monkeypatch.delenv("TENSORAR_TRACEBACK", raising=False)
+
+    def run(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        prefix = f"tensorar {argv[0]}: error: "
+        errors = [line for line in err.splitlines() if line.startswith(prefix)]  # after any progress lines
+        assert len(errors) == 1 and "Traceback" not in err, err
+        return errors[0][len(prefix):]
+
+    return run

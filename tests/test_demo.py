@@ -99,9 +99,10 @@ def test_cli_sample_writes_png_and_history(tmp_path, capsys):
     assert str(out) in printed and str(history) in printed
 
 
-def test_cli_sample_rejects_bad_class(tmp_path):
-    with pytest.raises(SystemExit):
-        cli_main(["sample", "--classes", "12", "--out", str(tmp_path / "x.png"), "--no-progress"])
+def test_cli_sample_rejects_bad_class(tmp_path, cli_error):
+    message = cli_error(["sample", "--classes", "12", "--out", str(tmp_path / "x.png"), "--no-progress"])
+    assert message == "--classes [12]: class ids must be in [0, 9] (10 classes)"
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_quality_benchmark_tiny(tmp_path):

@@ -39,20 +39,14 @@ def run(args) -> int:
     from ..evaluation.fid import count_images
 
     if args.batch_size < 1:
-        raise SystemExit("error: --batch-size must be >= 1")
+        raise ValueError("--batch-size must be >= 1")
     for name in ("samples", "reference"):
         if not Path(getattr(args, name)).exists():
-            raise SystemExit(f"error: {name} {getattr(args, name)} does not exist")
+            raise ValueError(f"{name} {getattr(args, name)} does not exist")
     device = resolve_device(args.device)
-    try:
-        features = InceptionFeatures(args.inception)
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
-    try:
-        fid = compute_fid(args.samples, args.reference, inception=features, batch_size=args.batch_size, device=device,
-                          progress=not args.no_progress, save_reference_stats=args.save_reference_stats)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    features = InceptionFeatures(args.inception)
+    fid = compute_fid(args.samples, args.reference, inception=features, batch_size=args.batch_size, device=device,
+                      progress=not args.no_progress, save_reference_stats=args.save_reference_stats)
     if args.save_reference_stats:
         from ..evaluation.fid import statistics_path
 

@@ -73,7 +73,7 @@ def add_sampling_arguments(p) -> None:
 
 
 def check_sampling_flags(args) -> None:
-    """Check the sampling flags that were given before any model is loaded (an `error:` line, no traceback)."""
+    """Check the sampling flags that were given before any model is loaded (a `ValueError` naming the flag)."""
     from ..sampling import check_sampling_args
 
     given = {key: getattr(args, key) for key in SAMPLING_KEYS if key != "draft" and getattr(args, key) is not None}
@@ -81,7 +81,7 @@ def check_sampling_flags(args) -> None:
         check_sampling_args(**given)
     except ValueError as err:
         flag = str(err).split(" ", 1)
-        raise SystemExit(f"error: --{flag[0].replace('_', '-')} {flag[1]}") from None
+        raise ValueError(f"--{flag[0].replace('_', '-')} {flag[1]}") from None
 
 
 def sampling_settings(args, defaults: dict) -> dict:
@@ -90,18 +90,18 @@ def sampling_settings(args, defaults: dict) -> dict:
 
 
 def resolve_device(device: str | None) -> str:
-    """`--device` (default: cuda when available), refused with an `error:` line when it does not exist here."""
+    """`--device` (default: cuda when available); a `ValueError` when it does not exist here."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
-        raise SystemExit(f"error: --device {device}: {err}") from None
+        raise ValueError(f"--device {device}: {err}") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device}, but torch sees no CUDA GPU here")
+        raise ValueError(f"--device {device}, but torch sees no CUDA GPU here")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"error: --device {device}, but MPS is not available here")
+        raise ValueError(f"--device {device}, but MPS is not available here")
     return device
 
 
@@ -129,7 +129,7 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
         ignored = [flag for flag, value in (("--tensorar", args.tensorar), ("--window", args.window),
                                             ("--vq", args.vq), ("--image-size", args.image_size)) if value is not None]
         if ignored:
-            raise SystemExit(f"error: {', '.join(ignored)} apply to hub and save_pretrained models (--model), "
+            raise ValueError(f"{', '.join(ignored)} apply to hub and save_pretrained models (--model), "
                              f"not to the demo bundle, which carries its own")
 
         bundle = load_demo(device=device, dtype=dtype, directory=args.model)
@@ -150,10 +150,10 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
 
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
-            raise SystemExit(f"error: {path} has no {WEIGHTS_NAME}: save it with save_pretrained(save_backbone=True)"
+            raise ValueError(f"{path} has no {WEIGHTS_NAME}: save it with save_pretrained(save_backbone=True)"
                              f" or pass a hub backbone with --model NAME --tensorar {path}")
         if args.vq is None:
-            raise SystemExit("error: a save_pretrained folder needs --vq (tokenizer hub name or file)")
+            raise ValueError("a save_pretrained folder needs --vq (tokenizer hub name or file)")
         state = load_file(str(weights))
         base_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
         saved_config = path / BACKBONE_CONFIG_NAME
@@ -172,12 +172,12 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
         if args.tensorar:
             wrapper = TensorARWrapper.from_pretrained(args.tensorar, gpt)
             if args.window is not None and args.window != wrapper.window:
-                raise SystemExit(f"error: --window {args.window} but {args.tensorar} has window {wrapper.window}")
+                raise ValueError(f"--window {args.window} but {args.tensorar} has window {wrapper.window}")
         else:
             wrapper = TensorARWrapper(gpt, window=args.window or 1)
         vq_name = args.vq or (info.vq if info is not None else None)
         if vq_name is None:
-            raise SystemExit("error: no paired tokenizer known for this model: pass --vq")
+            raise ValueError("no paired tokenizer known for this model: pass --vq")
         vq = load_vq(vq_name, device=device)
         grid = gpt.config.grid_size
         defaults = {**base_defaults, "cfg_scale": (info.cfg_scale if info and info.cfg_scale else 2.0),
@@ -199,7 +199,7 @@ def run(args) -> int:
     for flag, value in (("--per-class", args.per_class), ("--history-samples", args.history_samples),
                         ("--scale", args.scale)):
         if value is not None and value < 1:
-            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     check_sampling_flags(args)
     device = resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
@@ -208,7 +208,7 @@ def run(args) -> int:
     num_classes = wrapper.base_model.config.num_classes
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise SystemExit(f"error: class ids {bad} are outside [0, {num_classes - 1}]")
+        raise ValueError(f"--classes {bad}: class ids must be in [0, {num_classes - 1}] ({num_classes} classes)")
     settings = sampling_settings(args, defaults)
     cond = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
     gen = torch.Generator(device=device).manual_seed(args.seed)

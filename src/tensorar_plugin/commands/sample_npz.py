@@ -67,7 +67,7 @@ def run(args) -> int:
 
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     check_sampling_flags(args)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
@@ -80,20 +80,17 @@ def run(args) -> int:
     try:
         wrapper, vq, grid, defaults, _, _, desc = load_model(args, device, dtype, fid_defaults=True)
         if wrapper.adapter.num_classes is None:
-            raise SystemExit("error: sample-npz draws class-conditional images; this model has no classes")
+            raise ValueError("sample-npz draws class-conditional images; this model has no classes")
         settings = {**sampling_settings(args, defaults), "cfg_interval": args.cfg_interval}
         if rank == 0:
             print(f"sampling {args.num_samples} images from {desc} on {world} process(es) into {args.out}; "
                   + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
         started_at = time.perf_counter()
-        try:
-            sample_images(wrapper, vq, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
-                          seed=args.seed, labels=args.labels, grid=grid, eval_size=args.eval_size, rank=rank,
-                          world_size=world, progress=not args.no_progress, compile=args.compile,
-                          extra_settings={"model": desc, "vq": args.vq, "dtype": str(next(wrapper.parameters()).dtype)},
-                          barrier=dist.barrier if world > 1 else None, **settings)
-        except ValueError as err:  # bad settings, or a folder drawn with other settings
-            raise SystemExit(f"error: {err}") from None
+        sample_images(wrapper, vq, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
+                      seed=args.seed, labels=args.labels, grid=grid, eval_size=args.eval_size, rank=rank,
+                      world_size=world, progress=not args.no_progress, compile=args.compile,
+                      extra_settings={"model": desc, "vq": args.vq, "dtype": str(next(wrapper.parameters()).dtype)},
+                      barrier=dist.barrier if world > 1 else None, **settings)
         if world > 1:
             dist.barrier()
         elapsed = time.perf_counter() - started_at
