@@ -316,9 +316,11 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     saved = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
     assert saved["config"]["extra"]["window"] == 3 and saved["config"]["betas"] == [0.9, 0.95]
 
-    # continue the same run to more steps
-    assert main([*common, "--steps", "4", "--resume", "latest"]) == 0
-    assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+    # continue the same run to more steps, now recomputing the logits (a memory setting: free to change)
+    assert saved["config"]["recompute_logits"] is False
+    assert main([*common, "--steps", "4", "--resume", "latest", "--recompute-logits"]) == 0
+    resumed = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert resumed["step"] == 4 and resumed["config"]["recompute_logits"] is True
 
 
 def test_cli_finetune_training_settings_are_saved_and_kept_by_init_from(tmp_path, capsys):
@@ -393,3 +395,23 @@ def test_trainer_defers_the_adaptive_accuracy_only_while_training(tmp_path):
     Trainer(wrapper, random_dataset(), config(tmp_path, max_steps=2)).train()
     assert wrapper.encoder.draft_accuracy.min() > 0 and wrapper._pending_accuracy is None  # folded in every step
     assert wrapper.defer_draft_accuracy is False  # a later hand-written loop updates on every forward again
+
+
+def test_recompute_logits_trains_like_the_default(tmp_path, monkeypatch):
+    data = random_dataset()
+    runs, calls = {}, []
+    recomputed_loss = TensorARWrapper._recomputed_loss
+    monkeypatch.setattr(TensorARWrapper, "_recomputed_loss", lambda *a: calls.append(1) or recomputed_loss(*a))
+    for recompute in (False, True):
+        wrapper = make_wrapper()
+        Trainer(wrapper, data, config(tmp_path, f"recompute_{recompute}", max_steps=4, recompute_logits=recompute,
+                                      grad_accum_steps=2)).train()
+        assert len(calls) == (8 if recompute else 0)  # every micro-batch of the second run, none of the first
+        lines = (tmp_path / f"recompute_{recompute}" / "metrics.jsonl").read_text().splitlines()
+        runs[recompute] = wrapper.state_dict(), [json.loads(line)["loss"] for line in lines]
+    (default_state, default_losses), (lean_state, lean_losses) = runs[False], runs[True]
+    assert lean_losses == pytest.approx(default_losses, rel=1e-5) and len(lean_losses) == 2
+    for name, value in default_state.items():
+        torch.testing.assert_close(lean_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="recompute_logits"):
+        config(tmp_path, recompute_logits=1)

@@ -330,3 +330,58 @@ def test_model_draft_training_runs_and_is_reproducible():
     assert not torch.equal(a.logits.detach(), c.logits)
     with pytest.raises(ValueError, match="draft_source"):
         TensorARWrapper(tiny_llamagen(), window=2, draft_source="oracle")
+
+
+# -- return_logits=False: the same loss and gradients without holding the [B, T, k, V] logits ----------------
+
+
+def _loss_and_grads(wrapper, tokens, cond, **kwargs):
+    wrapper.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # label dropout
+    out = wrapper(tokens, cond, generator=torch.Generator().manual_seed(3), **kwargs)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in wrapper.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize(("window", "options"), [
+    (1, {}), (4, {}), (3, {"slot_weights": (1.0, 0.5, 0.25)}), (4, {"draft_source": "model"}),
+    (4, {"noise_schedule": "adaptive"}),
+])
+def test_recomputed_logits_give_the_same_loss_and_gradients(window, options):
+    wrapper = TensorARWrapper(tiny_llamagen().double(), window=window, **options).train()
+    perturb_heads_(wrapper)
+    tokens, cond = batch()
+    full, full_grads = _loss_and_grads(wrapper, tokens, cond)
+    accuracy = None if wrapper.adaptive_beta() is None else wrapper.encoder.draft_accuracy.clone()
+    lean, lean_grads = _loss_and_grads(wrapper, tokens, cond, return_logits=False)
+    assert lean.logits is None and full.logits.shape == (3, 16, window, 64)
+    torch.testing.assert_close(lean.loss, full.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lean.slot_losses, full.slot_losses, rtol=1e-12, atol=1e-12)
+    assert torch.equal(lean.targets, full.targets)
+    assert lean_grads.keys() == full_grads.keys() and len(full_grads) == len(list(wrapper.parameters()))
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    if accuracy is not None:  # the adaptive schedule saw the same per-token losses both times
+        assert not torch.equal(wrapper.encoder.draft_accuracy, accuracy)
+
+
+def _largest_saved_tensor(wrapper, tokens, cond, **kwargs) -> int:
+    sizes = [0]
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        wrapper(tokens, cond, **kwargs).loss.backward()
+    return max(sizes)
+
+
+def test_recomputed_logits_keep_no_logits_for_the_backward_pass():
+    # a codebook large enough that logits, not the new parts' activations, are the largest tensors (as at scale)
+    wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(vocab_size=1024), window=4)).train()
+    tokens, cond = batch()
+    one_slot = tokens.numel() * wrapper.vocab_size  # the logits of one slot: [B, T, V]
+    assert _largest_saved_tensor(wrapper, tokens, cond) >= 4 * one_slot  # the probe sees the full logits
+    assert _largest_saved_tensor(wrapper, tokens, cond, return_logits=False) < one_slot

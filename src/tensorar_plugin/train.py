@@ -102,6 +102,9 @@ class TrainConfig:
     shuffle: bool = True
     device: str | None = None  # default: cuda:<LOCAL_RANK> when available, else cpu
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2 `fully_shard`)
+    # compute the loss one window slot at a time and recompute the head's logits in the backward pass: the
+    # [B, T, k, V] logits (k times the base model's) are never held, for one more forward of the head
+    recompute_logits: bool = False
     save_backbone: bool | None = None  # passed to save_pretrained (None: not when the backbone is frozen)
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest in out_dir, if any)
     progress: bool = True
@@ -145,7 +148,7 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be an integer >= 1 or None, got {keep!r}")
         if self.eps <= 0:
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
-        for name in ("shuffle", "fsdp", "progress"):
+        for name in ("shuffle", "fsdp", "progress", "recompute_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.out_dir, (str, os.PathLike)):
@@ -529,10 +532,12 @@ class Trainer:
             cond = cond.to(self.device, non_blocking=True)
             with self._sync_context(micro == accum - 1):
                 with self._autocast():
-                    out = self.model(codes, cond, generator=self.noise_generator, validate=False)
-                (out.loss / accum).backward()
-            loss = out.loss.detach().float()
-            slots = out.slot_losses.detach().float()
+                    out = self.model(codes, cond, generator=self.noise_generator, validate=False,
+                                     return_logits=not cfg.recompute_logits)
+                loss, slots = out.loss, out.slot_losses.detach().float()
+                del out  # the logits (if any) are not needed for the backward pass: free them first
+                (loss / accum).backward()
+            loss = loss.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss
             slot_sum = slots if slot_sum is None else slot_sum + slots
             tokens += codes.numel()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .adapters import BackboneAdapter, find_adapter
 from .generation import GenerationOutput, check_cond_mask, evaluating, generate_windows
@@ -101,10 +102,11 @@ class TensorARConfig:
 
 @dataclass
 class TensorAROutput:
-    """Training-forward result. `logits` `[B, T, k, V]` (float32), `targets` `[B, T, k]` (-100 = no loss)."""
+    """Training-forward result. `logits` `[B, T, k, V]` (float32; None with `return_logits=False`),
+    `targets` `[B, T, k]` (-100 = no loss)."""
 
     loss: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     targets: torch.Tensor
     slot_losses: torch.Tensor  # mean cross-entropy of each slot `[k]`, detached, for logging
 
@@ -273,13 +275,16 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor, *, force_drop_ids: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, cond_mask: torch.Tensor | None = None,
-                validate: bool = True) -> TensorAROutput:
+                validate: bool = True, return_logits: bool = True) -> TensorAROutput:
         """Teacher-forced next-tensor prediction over the image tokens `[B, T]` given `cond`.
 
         In training mode draft slots are noised (`generator` makes it reproducible) and the base
         model's condition dropout applies; in eval mode inputs are clean. `cond_mask` `[B, n_cond]`
         hides padded condition tokens (text conditions). `validate=False` skips the id-range checks,
         which read values back from the device (the trainer's datasets check ids when loading).
+        `return_logits=False` computes the same loss without ever holding the `[B, T, k, V]` logits
+        (`k` times the base model's): one slot at a time, the head's logits recomputed in the backward
+        pass (one more forward of the head); `logits` is then None.
         """
         if validate:  # the condition first: it fixes the prompt length that bounds the image length
             rows = tokens.shape[0] if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None
@@ -303,21 +308,30 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                     with torch.no_grad():
                         draft_logits = self._window_forward(cond_embeddings.detach(), windows, mask_kwargs)
                     windows = self._model_drafts(windows, draft_logits, generator)
-        logits = self._window_forward(cond_embeddings, windows, mask_kwargs)
         targets = target_windows(tokens, k)
-        loss, slot_losses, per_token = self._loss(logits, targets)
+        if return_logits:
+            logits = self._window_forward(cond_embeddings, windows, mask_kwargs)
+            loss, slot_losses, per_token = self._loss(logits, targets)
+        else:
+            logits = None
+            loss, slot_losses, per_token = self._recomputed_loss(self._window_hidden(cond_embeddings, windows,
+                                                                                     mask_kwargs), targets)
         if self.training and self.adaptive_beta() is not None:
             self._track_draft_accuracy(per_token, targets)
         return TensorAROutput(loss=loss, logits=logits, targets=targets, slot_losses=slot_losses)
 
-    def _window_forward(self, cond_embeddings: torch.Tensor, windows: torch.Tensor | None,
-                        mask_kwargs: dict) -> torch.Tensor:
-        """Condition + input windows -> window logits `[B, T, k, V]` (output 0 is the last condition token)."""
+    def _window_hidden(self, cond_embeddings: torch.Tensor, windows: torch.Tensor | None,
+                       mask_kwargs: dict) -> torch.Tensor:
+        """Condition + input windows -> backbone hidden states `[B, T, d]` (output 0 is the last condition token)."""
         embeddings = cond_embeddings
         if windows is not None:
             embeddings = torch.cat([cond_embeddings, self.embed_windows(windows)], dim=1)
-        hidden = self.adapter.forward_hidden(embeddings, **mask_kwargs)[:, self.adapter.num_cond_tokens - 1:]
-        return self.window_logits(hidden)
+        return self.adapter.forward_hidden(embeddings, **mask_kwargs)[:, self.adapter.num_cond_tokens - 1:]
+
+    def _window_forward(self, cond_embeddings: torch.Tensor, windows: torch.Tensor | None,
+                        mask_kwargs: dict) -> torch.Tensor:
+        """Condition + input windows -> window logits `[B, T, k, V]`."""
+        return self.window_logits(self._window_hidden(cond_embeddings, windows, mask_kwargs))
 
     @staticmethod
     def _model_drafts(windows: torch.Tensor, draft_logits: torch.Tensor,
@@ -386,6 +400,25 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             return loss, loss.detach().reshape(1), None
         per_token = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                     reduction="none").view_as(targets)
+        return self._weighted_loss(per_token, targets)
+
+    def _recomputed_loss(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """`_loss(window_logits(hidden), targets)` one slot at a time, each slot's logits recomputed in the
+        backward pass (activation checkpointing): only `[B, T]` losses per slot are kept, never logits."""
+        head = self.adapter.head
+        if self.window == 1:
+            loss = checkpoint(_mean_cross_entropy, head, hidden, targets[..., 0], use_reentrant=False)
+            return loss, loss.detach().reshape(1), None
+        slot_states = self.decoder(hidden)  # slot 0 is `hidden` itself, as in `window_logits`
+        per_token = torch.stack([
+            checkpoint(_token_cross_entropy, head, hidden if j == 0 else slot_states[..., j, :], targets[..., j],
+                       use_reentrant=False)
+            for j in range(self.window)
+        ], dim=-1)
+        return self._weighted_loss(per_token, targets)
+
+    def _weighted_loss(self, per_token: torch.Tensor, targets: torch.Tensor):
+        """Per-token cross-entropy `[B, T, k]` -> (slot-weighted mean loss, per-slot means, detached per-token)."""
         valid = (targets != IGNORE_INDEX).float()
         weights = self.slot_weights.to(per_token.device) * valid
         loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-12)
@@ -496,3 +529,16 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         return (f"window={self.window}, new_parameters={self.num_new_parameters():,}, "
                 f"noise_schedule={self.config.noise_schedule!r}, backbone_frozen={self.backbone_frozen}")
 
+
+
+def _token_cross_entropy(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `head(states)` against `targets` per token (`IGNORE_INDEX` gives 0)."""
+    logits = head(states)
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(targets)
+
+
+def _mean_cross_entropy(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `head(states)`: the base model's own loss, as `window=1` computes it."""
+    logits = head(states)
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
