@@ -48,13 +48,14 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def measure(model_name: str, mode: str, batch: int, window: int, device: str, precision: str, steps: int) -> dict:
+def measure(model_name: str, mode: str, batch: int, window: int, device: str, precision: str, steps: int,
+            draft_source: str = "noise") -> dict:
     """One process, one setting: the peak memory of a training step above what it starts from (weights and
     optimizer state), i.e. activations and gradients, and the mean time of `steps` more steps."""
     torch.manual_seed(0)
     with torch.device(device):
         base = LlamaGen(LlamaGenConfig(**PRESETS[model_name])) if model_name in PRESETS else build_llamagen(model_name)
-    wrapper = TensorARWrapper(base, window=window).train()
+    wrapper = TensorARWrapper(base, window=window, draft_source=draft_source).train()
     optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-5)
     length = base.config.block_size
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +105,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--window", type=int, default=4, help="TensorAR window k")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype of the step")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the measured first one")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the measured one")
+    parser.add_argument("--draft-source", choices=("noise", "model"), default="noise",
+                        help="TensorAR's draft source (model: one more no-grad forward draws the drafts)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--json", default="benchmarks/results/memory.json", help="where to write the results")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
@@ -124,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:  # a child process: one measurement, printed as JSON
         model_name, mode = args.worker
         print(json.dumps(measure(model_name, mode, args.batch_size, args.window, args.device, args.precision,
-                                 args.steps)))
+                                 args.steps, args.draft_source)))
         return 0
     rows = []
     passthrough = ["--batch-size", str(args.batch_size), "--window", str(args.window), "--device", args.device,
-                   "--precision", args.precision, "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--precision", args.precision, "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--draft-source", args.draft_source]
     print(f"{'model':8} {'batch':>5} {'mode':>18} {'peak MiB':>10} {'step s':>8} {'loss':>8}")
     for model_name in args.models:
         for mode in MODES:
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     meta = {"device": args.device, "device_name": device_name, "torch": torch.__version__,
             "python": platform.python_version(), "precision": args.precision, "window": args.window,
+            "draft_source": args.draft_source,
             "peak": "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS",
             "threads": torch.get_num_threads(),
             "command": "python benchmarks/memory.py " + shlex.join(sys.argv[1:] if argv is None else argv)}

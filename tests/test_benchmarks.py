@@ -155,11 +155,13 @@ def test_quality_steps_plot_sorts_runs_into_series_and_refuses_duplicates(tmp_pa
 def test_memory_benchmark_runs_both_settings_in_their_own_processes(tmp_path, capsys):
     memory = load_script("memory")
     out = tmp_path / "memory.json"
-    assert memory.main(["--models", "micro", "--batch-size", "2", "--steps", "1", "--json", str(out)]) == 0
+    assert memory.main(["--models", "micro", "--batch-size", "2", "--steps", "1", "--draft-source", "model",
+                        "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [(r["model"], r["mode"]) for r in data["rows"]] == [("micro", "default"), ("micro", "recompute_logits")]
     default, lean = data["rows"]
     assert lean["loss"] == pytest.approx(default["loss"], rel=1e-5)  # the same step, computed two ways
     assert all(r["step_s"] > 0 and r["params"] == default["params"] for r in data["rows"])
     assert data["meta"]["command"].startswith("python benchmarks/memory.py --models micro")
+    assert data["meta"]["draft_source"] == "model"
     assert "recompute_logits peaks" in capsys.readouterr().out

@@ -310,7 +310,7 @@ def test_model_drafts_take_each_slot_from_the_output_that_generation_would_use()
     for t in range(5):
         for j in range(3):
             logits[0, t, j, 20 * j + t] = 0.0  # output t, slot j puts all mass on token 20j + t
-    drafts = TensorARWrapper._model_drafts(windows, logits, torch.Generator().manual_seed(0))
+    drafts = TensorARWrapper._model_drafts(windows, lambda j: logits[:, :, j], torch.Generator().manual_seed(0))
     # window fed at position t: [x_t, sample(output t, slot 1), sample(output t, slot 2)]
     assert drafts.tolist() == [[[10, 20, 40], [11, 21, 41], [12, 22, 42], [13, 23, PAD_ID]]]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -306,8 +307,10 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                                                 beta=self.adaptive_beta())
                 if self.config.draft_source == "model":
                     with torch.no_grad():
-                        draft_logits = self._window_forward(cond_embeddings.detach(), windows, mask_kwargs)
-                    windows = self._model_drafts(windows, draft_logits, generator)
+                        hidden = self._window_hidden(cond_embeddings.detach(), windows, mask_kwargs)
+                        slot_states = self.decoder(hidden[:, : windows.shape[1]])
+                        windows = self._model_drafts(windows, lambda j: self.adapter.head(slot_states[..., j, :]),
+                                                     generator)
         targets = target_windows(tokens, k)
         if return_logits:
             logits = self._window_forward(cond_embeddings, windows, mask_kwargs)
@@ -334,15 +337,19 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         return self.window_logits(self._window_hidden(cond_embeddings, windows, mask_kwargs))
 
     @staticmethod
-    def _model_drafts(windows: torch.Tensor, draft_logits: torch.Tensor,
+    def _model_drafts(windows: torch.Tensor, slot_logits: Callable[[int], torch.Tensor],
                       generator: torch.Generator | None) -> torch.Tensor:
         """Replace the draft slots of `windows` `[B, T-1, k]` by tokens sampled from the model's own predictions.
 
         Output `t` predicts positions `t .. t+k-1`, so slot `j` of the window fed at position `t` takes a
         sample of output `t`'s slot `j`, the draft generation feeds back (drawn at temperature 1 without top-k or
-        top-p, i.e. as generation does with its default settings); padding stays padding.
+        top-p, i.e. as generation does with its default settings); padding stays padding. `slot_logits(j)` gives
+        slot `j`'s logits `[B, >= T-1, V]` at every output: one slot at a time, so this no-grad pass holds one
+        slot's logits and sampling buffers, not all `k`.
         """
-        sampled = sample_tokens(draft_logits[:, : windows.shape[1], 1:], generator=generator)
+        length = windows.shape[1]
+        sampled = torch.stack([sample_tokens(slot_logits(j)[:, :length], generator=generator)
+                               for j in range(1, windows.shape[-1])], dim=-1)
         drafts = torch.where(windows[..., 1:] >= 0, sampled.to(windows.dtype), windows[..., 1:])
         return torch.cat([windows[..., :1], drafts], dim=-1)
 
