@@ -401,24 +401,21 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         return self
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor):
-        vocab = logits.shape[-1]
         if self.window == 1:  # exactly the base model's loss
-            loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+            loss = _cross_entropy(logits, targets, reduction="mean")
             return loss, loss.detach().reshape(1), None
-        per_token = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                    reduction="none").view_as(targets)
-        return self._weighted_loss(per_token, targets)
+        return self._weighted_loss(_cross_entropy(logits, targets), targets)
 
     def _recomputed_loss(self, hidden: torch.Tensor, targets: torch.Tensor):
         """`_loss(window_logits(hidden), targets)` one slot at a time, each slot's logits recomputed in the
         backward pass (activation checkpointing): only `[B, T]` losses per slot are kept, never logits."""
         head = self.adapter.head
         if self.window == 1:
-            loss = checkpoint(_mean_cross_entropy, head, hidden, targets[..., 0], use_reentrant=False)
+            loss = checkpoint(_head_cross_entropy, head, hidden, targets[..., 0], "mean", use_reentrant=False)
             return loss, loss.detach().reshape(1), None
         slot_states = self.decoder(hidden)  # slot 0 is `hidden` itself, as in `window_logits`
         per_token = torch.stack([
-            checkpoint(_token_cross_entropy, head, hidden if j == 0 else slot_states[..., j, :], targets[..., j],
+            checkpoint(_head_cross_entropy, head, hidden if j == 0 else slot_states[..., j, :], targets[..., j],
                        use_reentrant=False)
             for j in range(self.window)
         ], dim=-1)
@@ -538,14 +535,13 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
 
 
 
-def _token_cross_entropy(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of `head(states)` against `targets` per token (`IGNORE_INDEX` gives 0)."""
-    logits = head(states)
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none").view_as(targets)
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy of `logits` `[..., V]` against `targets` `[...]`: per token (`IGNORE_INDEX` gives 0),
+    or with `reduction="mean"` the mean over the other tokens, as the base model computes its loss."""
+    loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return loss.view_as(targets) if reduction == "none" else loss
 
 
-def _mean_cross_entropy(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `head(states)`: the base model's own loss, as `window=1` computes it."""
-    logits = head(states)
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+def _head_cross_entropy(head, states: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """`_cross_entropy(head(states), targets)`: the unit `_recomputed_loss` checkpoints."""
+    return _cross_entropy(head(states), targets, reduction)

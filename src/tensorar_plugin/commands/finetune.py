@@ -206,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
             mixed_precision=args.precision, ema_decay=args.ema, log_every=args.log_every,
             ckpt_every=args.save_every, keep_checkpoints=args.keep_checkpoints, out_dir=args.out, seed=args.seed,
             num_workers=args.num_workers, device=args.device, fsdp=args.fsdp, recompute_logits=args.recompute_logits,
-            save_backbone=args.save_backbone,
-            resume_from=args.resume, progress=not args.no_progress,
+            save_backbone=args.save_backbone, resume_from=args.resume, progress=not args.no_progress,
             extra={"model": str(args.model), "image_size": args.image_size, "model_config": overrides,
                    "codes": str(args.codes), "window": args.window},
         )
