@@ -381,7 +381,7 @@ def test_npz_and_folder_are_read_in_batches_exactly(tmp_path):
     assert np.array_equal(np.concatenate(list(iter_image_batches(compressed, 4))), images)
     with zipfile.ZipFile(tmp_path / "other.npz", "w") as archive:
         archive.writestr("x.npy", b"")
-    with pytest.raises(KeyError, match="has no 'arr_0'"):
+    with pytest.raises(ValueError, match="has no 'arr_0'"):
         list(iter_image_batches(tmp_path / "other.npz"))
 
 
@@ -484,6 +484,19 @@ def test_fid_against_statistics_of_another_network_is_an_error(tmp_path, cli_err
     net = save_scripted(tmp_path / "probe.pt")
     message = cli_error(["fid", str(npz), str(stats), "--inception", str(net), "--device", "cpu", "--no-progress"])
     assert "samples give 5-d features but the reference statistics are 2048-d" in message
+
+
+def test_fid_command_reports_unusable_inputs_naming_the_file(tmp_path, cli_error):
+    _, _, npz = write_images(tmp_path, 3, seed=4)
+    not_script = tmp_path / "state_dict.pt"
+    torch.save({"weight": torch.zeros(2)}, not_script)
+    message = cli_error(["fid", str(npz), str(npz), "--inception", str(not_script), "--device", "cpu"])
+    assert message.startswith(f"inception = {not_script} is not a TorchScript file")
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    net = save_scripted(tmp_path / "probe.pt")
+    message = cli_error(["fid", str(tmp_path / "other.npz"), str(npz), "--inception", str(net), "--device", "cpu",
+                         "--no-progress"])
+    assert message == f"{tmp_path / 'other.npz'} has no 'arr_0' (arrays: ['images'])"
 
 
 def test_fid_command_without_inception_says_how_to_get_it(tmp_path, monkeypatch, cli_error):

@@ -56,9 +56,13 @@ def load_inception_network(path: str | os.PathLike[str] | None = None) -> nn.Mod
     """The Inception TorchScript (located by `find_inception_weights`) on the CPU, in eval mode.
 
     TorchScript runs code: load only files you trust."""
+    file = find_inception_weights(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-        return torch.jit.load(str(find_inception_weights(path)), map_location="cpu").eval()
+        try:
+            return torch.jit.load(str(file), map_location="cpu").eval()
+        except RuntimeError as err:  # not a TorchScript archive (a state dict, a truncated download, ...)
+            raise ValueError(f"inception = {file} is not a TorchScript file ({str(err).splitlines()[0]})") from err
 
 
 def tf_bilinear_resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -118,13 +122,18 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
+def _open_member(archive: zipfile.ZipFile, path: Path, key: str):
+    """Array `key` of the `.npz` `archive` (read from `path`) as a stream; a ValueError naming the file if absent."""
+    name = f"{key}.npy"
+    if name not in archive.namelist():
+        raise ValueError(f"{path} has no {key!r} (arrays: {[n[:-4] for n in archive.namelist()]})")
+    return archive.open(name)
+
+
 def _npz_member_batches(path: Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
     """Read `key` of an `.npz` in batches along its first axis, never the whole array (50k images are ~10 GB)."""
     with zipfile.ZipFile(path) as archive:
-        name = f"{key}.npy"
-        if name not in archive.namelist():
-            raise KeyError(f"{path} has no {key!r} (arrays: {[n[:-4] for n in archive.namelist()]})")
-        with archive.open(name) as f:
+        with _open_member(archive, path, key) as f:
             shape, fortran, dtype = _read_npy_header(f)
             if fortran or len(shape) != 4:
                 raise ValueError(f"{path}:{key} must be a C-ordered [N, H, W, 3] array, got shape {shape}")
@@ -149,7 +158,7 @@ def count_images(source: str | os.PathLike[str]) -> int:
     path = Path(source)
     if path.is_dir():
         return len(_image_files(path))
-    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+    with zipfile.ZipFile(path) as archive, _open_member(archive, path, "arr_0") as f:
         return int(_read_npy_header(f)[0][0])
 
 
