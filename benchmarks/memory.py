@@ -5,17 +5,20 @@ logits (and their log-softmax) where the base model holds `[B, T, V]`. `return_l
 same loss one slot at a time and recomputes the head in the backward pass. Each setting runs in its own
 process (one training step: forward, backward, AdamW update), so the peaks do not mix:
 
-    python benchmarks/memory.py                                     # CPU: peak RSS, GPT-B, batch 4
+    python benchmarks/memory.py --device cpu                        # CPU: peak RSS, GPT-B, batch 4
     python benchmarks/memory.py --device cuda --models GPT-B GPT-L --batch-size 32   # GPU: peak allocated
 
 On CUDA the peak is `torch.cuda.max_memory_allocated()`; on CPU the process's peak resident memory. Both
 are reported above what the process held before the measured step (weights and the optimizer's state, made
-by a warm-up step): what the step adds, activations and gradients. Random weights; bf16 autocast by default.
+by a warm-up step; on CPU after handing freed memory back to the OS): what the step adds, activations and
+gradients. CPU figures vary by some tens of MiB between runs. Random weights; bf16 autocast by default.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import platform
 import resource
@@ -32,6 +35,14 @@ from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig, build_llam
 
 PRESETS = {"micro": dict(dim=32, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10, multiple_of=16)}
 MODES = {"default": True, "recompute_logits": False}  # mode -> forward's return_logits
+
+
+def _release_free_memory() -> None:
+    """Hand memory that glibc keeps after frees back to the OS, so that resident memory measured next counts
+    only live allocations (else a step reuses the warm-up's freed pages without growing, and reads low)."""
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def _rss_bytes() -> int:
@@ -71,20 +82,21 @@ def measure(model_name: str, mode: str, batch: int, window: int, device: str, pr
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach().item()
 
-    cuda = device.startswith("cuda")
+    cuda = torch.device(device) if device.startswith("cuda") else None
     step()  # warm-up: creates the optimizer's state, so the measured step is a steady-state one
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
+        before = torch.cuda.memory_allocated(cuda)
     else:
+        _release_free_memory()
         before = _rss_bytes()
     loss = step()
     if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
+        torch.cuda.synchronize(cuda)
+        peak = torch.cuda.max_memory_allocated(cuda) - before
     else:
         peak = _peak_rss_bytes() - before
     times = []
@@ -92,10 +104,10 @@ def measure(model_name: str, mode: str, batch: int, window: int, device: str, pr
         start = time.perf_counter()
         step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(cuda)
         times.append(time.perf_counter() - start)
     return {"peak_bytes": peak, "step_s": sum(times) / len(times) if times else None, "loss": loss,
-            "params": sum(p.numel() for p in wrapper.parameters())}
+            "params": sum(p.numel() for p in wrapper.parameters()), "baseline_known": bool(cuda) or before > 0}
 
 
 def parse_args(argv: list[str] | None):
@@ -154,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
               + (f" ({saved * 2**20 / default['peak_bytes']:.0%} of the step's memory)" if default["peak_bytes"] > 0
                  else "")
               + (f", at {time_ratio:.2f}x the step time" if time_ratio else ""))
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    if not all(row["baseline_known"] for row in rows):
+        print("note: no /proc here: the CPU figures are the process's whole peak resident memory")
+    device_name = (torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda")
+                   else platform.processor() or "cpu")
     meta = {"device": args.device, "device_name": device_name, "torch": torch.__version__,
             "python": platform.python_version(), "precision": args.precision, "window": args.window,
             "draft_source": args.draft_source,

@@ -2,8 +2,8 @@
 
 Each command module defines `register(subparsers)`, which adds its parser and sets `func` (called with
 the parsed namespace, returning an exit code). A command reports a mistake in its input by raising one of
-`USER_ERRORS` (a `ValueError` naming the flag, say); `main` prints it as one `tensorar CMD: error:` line
-and exits with code 2, like argparse does for a malformed command line.
+`USER_ERRORS` (a `ValueError` naming the flag, say); `main` prints it as a `tensorar CMD: error:` line (and
+a hint on seeing the traceback) and exits with code 2, like argparse does for a malformed command line.
 """
 
 from __future__ import annotations
