@@ -385,3 +385,41 @@ def test_recomputed_logits_keep_no_logits_for_the_backward_pass():
     one_slot = tokens.numel() * wrapper.vocab_size  # the logits of one slot: [B, T, V]
     assert _largest_saved_tensor(wrapper, tokens, cond) >= 4 * one_slot  # the probe sees the full logits
     assert _largest_saved_tensor(wrapper, tokens, cond, return_logits=False) < one_slot
+
+
+# -- the noise schedule is computed once, not in every training step ---------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear", "sine", "sqrt", "exponential", lambda u: u**2])
+def test_training_noise_uses_the_schedule_computed_at_construction(schedule):
+    from tensorar_plugin.noise import discrete_tensor_noise, noise_schedule, replace_slots
+
+    wrapper = TensorARWrapper(tiny_llamagen(), window=4, noise_schedule=schedule, max_noise=0.8)
+    torch.testing.assert_close(wrapper.noise_beta, noise_schedule(4, schedule, max_noise=0.8), rtol=0, atol=0)
+    windows = input_windows(batch()[0], 4)
+    noised, _ = replace_slots(windows, wrapper.noise_beta, 64, torch.Generator().manual_seed(5))
+    expected = discrete_tensor_noise(windows, 64, schedule, max_noise=0.8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(noised, expected)  # the same draws as the checked public function
+    assert wrapper.to(torch.bfloat16).noise_beta.dtype == torch.float32  # compared with float32 draws
+
+
+def test_bad_custom_schedule_is_refused_at_construction_and_unsaved_ones_at_training():
+    with pytest.raises(ValueError, match=r"schedule must map u in \[0, 1\] to values in \[0, 1\]"):
+        TensorARWrapper(tiny_llamagen(), window=4, noise_schedule=lambda u: 2 * u)
+    from tensorar_plugin.wrapper import TensorARConfig
+
+    wrapper = TensorARWrapper(tiny_llamagen(), config=TensorARConfig(window=3, noise_schedule="custom")).train()
+    tokens, cond = batch()
+    with pytest.raises(ValueError, match="custom noise schedule, which cannot be saved: pass the callable"):
+        wrapper(tokens, cond)
+    wrapper.eval()(tokens, cond)  # evaluation needs no noise
+
+
+def test_loading_with_another_schedule_recomputes_the_noise(tmp_path):
+    TensorARWrapper(tiny_llamagen(), window=4).save_pretrained(tmp_path)
+    from tensorar_plugin.noise import noise_schedule
+
+    loaded = TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(), noise_schedule="linear")
+    assert torch.equal(loaded.noise_beta, noise_schedule(4, "linear"))
+    assert torch.equal(TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen()).noise_beta,
+                       noise_schedule(4, "exponential"))

@@ -117,13 +117,13 @@ def load_wrapper(cls, pretrained: str | Path, model: nn.Module, *, adapter: Back
                          f"(got noise_schedule={requested!r})")
     wrapper = cls(model, config=config, adapter=adapter)
     if requested is not None:
-        wrapper._schedule = requested
         wrapper.config.noise_schedule = requested if isinstance(requested, str) else "custom"
+        wrapper._set_noise_schedule(requested)
     elif config.noise_schedule == "custom":
         warnings.warn(f"{directory} was trained with a custom noise schedule, which cannot be saved: training "
                       f"this wrapper uses the exponential schedule unless noise_schedule= passes the callable "
                       f"(sampling is unaffected)", stacklevel=3)
-        wrapper._schedule = "exponential"
+        wrapper._set_noise_schedule("exponential")
 
     full, partial = directory / WEIGHTS_NAME, directory / ADAPTER_NAME
     if full.is_file():

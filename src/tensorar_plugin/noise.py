@@ -103,9 +103,17 @@ def discrete_tensor_noise(windows: torch.Tensor, codebook_size: int, schedule: S
         if beta.shape != windows.shape[-1:] or not bool(((beta >= 0) & (beta <= 1)).all()):  # NaN fails too
             raise ValueError(f"beta must hold {windows.shape[-1]} probabilities in [0, 1], got {beta}")
         beta = torch.cat([beta.new_zeros(1), beta[1:]]).to(windows.device, torch.float32)
+    noised, replace = replace_slots(windows, beta, codebook_size, generator)
+    return (noised, replace) if return_mask else noised
+
+
+def replace_slots(windows: torch.Tensor, beta: torch.Tensor, codebook_size: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw behind `discrete_tensor_noise`, without its checks: `beta` `[k]` must already hold valid
+    probabilities (0 for slot 0). Returns the noised windows and the mask of replaced slots. Nothing is
+    read back from the device, so a training step that calls it never waits for the GPU."""
     draws = torch.rand(windows.shape, generator=generator, device=windows.device)
     replace = (draws < beta) & (windows >= 0)
     random_ids = torch.randint(0, codebook_size, windows.shape, generator=generator, device=windows.device,
                                dtype=windows.dtype)
-    noised = torch.where(replace, random_ids, windows)
-    return (noised, replace) if return_mask else noised
+    return torch.where(replace, random_ids, windows), replace

@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from .adapters import BackboneAdapter, find_adapter
 from .generation import GenerationOutput, check_cond_mask, evaluating, generate_windows
 from .heads import TensorDecoder, TensorEncoder
-from .noise import ADAPTIVE, SCHEDULES, discrete_tensor_noise
+from .noise import ADAPTIVE, SCHEDULES, replace_slots
+from .noise import noise_schedule as schedule_betas  # the argument `noise_schedule` names the schedule
 from .sampling import sample_tokens
 from .windows import IGNORE_INDEX, input_windows, target_windows
 
@@ -199,6 +200,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             self.decoder = TensorDecoder(depth=config.decoder_depth, **shape).to(ref.device, ref.dtype)
             if config.noise_schedule == ADAPTIVE:  # saved with the encoder, so resuming keeps the noise level
                 self.encoder.register_buffer("draft_accuracy", torch.zeros(config.window, device=ref.device))
+        self.register_buffer("noise_beta", None, persistent=False)
+        self._set_noise_schedule(self._schedule)
         weights = config.slot_weights or [1.0] * config.window
         self.register_buffer("slot_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.set_backbone_frozen(freeze_backbone)
@@ -207,6 +210,18 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         #: hold the draft accuracy of training forwards until `update_draft_accuracy()` (see there)
         self.defer_draft_accuracy = False
         self._pending_accuracy: torch.Tensor | None = None
+
+    def _set_noise_schedule(self, schedule) -> None:
+        """Noise training windows with `schedule` (a name or a callable). A fixed schedule's `beta` is computed,
+        and a custom one checked, here, once: checks in every training step would read values back from the
+        device. Kept float32 wherever the model goes (`noise_beta`; None for "adaptive" and an unsaved custom one)."""
+        self._schedule = schedule
+        beta = None
+        if not (isinstance(schedule, str) and schedule in (ADAPTIVE, "custom")):
+            # on the CPU first: a model built on the meta device has no values to check
+            beta = schedule_betas(self.config.window, schedule, max_noise=self.config.max_noise, device="cpu")
+            beta = beta.to(self.adapter.embedding_weight.device)
+        self.noise_beta = beta
 
     # -- introspection -------------------------------------------------------------------------
     @property
@@ -302,9 +317,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         if tokens.shape[1] > 1:
             windows = input_windows(tokens, k)
             if self.training and k > 1:
-                windows = discrete_tensor_noise(windows, self.vocab_size, self._schedule,
-                                                max_noise=self.config.max_noise, generator=generator,
-                                                beta=self.adaptive_beta())
+                windows, _ = replace_slots(windows, self._training_beta(), self.vocab_size, generator)
                 if self.config.draft_source == "model":
                     with torch.no_grad():
                         hidden = self._window_hidden(cond_embeddings.detach(), windows, mask_kwargs)
@@ -353,6 +366,17 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         drafts = torch.where(windows[..., 1:] >= 0, sampled.to(windows.dtype), windows[..., 1:])
         return torch.cat([windows[..., :1], drafts], dim=-1)
 
+    def _training_beta(self) -> torch.Tensor:
+        """Replacement probability of each slot `[k]` for this training step (slot 0: never)."""
+        if self.noise_beta is not None:
+            return self.noise_beta
+        adaptive = self.adaptive_beta()
+        if adaptive is None:
+            raise ValueError("this wrapper's config names a custom noise schedule, which cannot be saved: pass the "
+                             "callable (TensorARWrapper(..., noise_schedule=fn) or from_pretrained(..., "
+                             "noise_schedule=fn))")
+        return torch.cat([torch.zeros_like(adaptive[:1]), adaptive[1:]])
+
     def adaptive_beta(self) -> torch.Tensor | None:
         """Current per-slot noise of the "adaptive" schedule (`1 - draft accuracy`, scaled), else None."""
         accuracy = getattr(self.encoder, "draft_accuracy", None)
@@ -398,6 +422,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         encoder = self.encoder
         if encoder is not None and "draft_accuracy" in encoder._buffers:
             encoder._buffers["draft_accuracy"] = encoder._buffers["draft_accuracy"].float()
+        if self.noise_beta is not None:  # probabilities compared with float32 draws
+            self._buffers["noise_beta"] = self.noise_beta.float()
         return self
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor):
