@@ -486,6 +486,7 @@ def test_fid_against_statistics_of_another_network_is_an_error(tmp_path, cli_err
     assert "samples give 5-d features but the reference statistics are 2048-d" in message
 
 
+@pytest.mark.filterwarnings("ignore:.*rank-deficient")
 def test_fid_command_reports_unusable_inputs_naming_the_file(tmp_path, cli_error):
     _, _, npz = write_images(tmp_path, 3, seed=4)
     not_script = tmp_path / "state_dict.pt"
