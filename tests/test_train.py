@@ -415,3 +415,23 @@ def test_recompute_logits_trains_like_the_default(tmp_path, monkeypatch):
         torch.testing.assert_close(lean_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="recompute_logits"):
         config(tmp_path, recompute_logits=1)
+
+
+def test_compiled_training_forward_trains_like_eager_and_checkpoints_the_same_keys(tmp_path):
+    data = random_dataset()
+    eager = make_wrapper(dropout=0.0)
+    Trainer(eager, data, config(tmp_path, "eager", max_steps=3, ckpt_every=3)).train()
+    compiled = make_wrapper(dropout=0.0)
+    trainer = Trainer(compiled, data, config(tmp_path, "compiled", max_steps=3, ckpt_every=3,
+                                             compile={"backend": "aot_eager", "fullgraph": False}))
+    assert isinstance(trainer.forward_model, torch._dynamo.eval_frame.OptimizedModule)
+    torch._dynamo.utils.counters.clear()
+    trainer.train()
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # the steps ran through dynamo
+    assert trainer.forward_model._orig_mod is trainer.model  # checkpoints keep reading the plain model
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    keys = lambda run: set(load_file(tmp_path / run / "checkpoint-3" / "model.safetensors"))  # noqa: E731
+    assert keys("compiled") == keys("eager")
+    with pytest.raises(ValueError, match="compile must be True, False or a dict"):
+        config(tmp_path, compile="yes")

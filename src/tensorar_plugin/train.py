@@ -105,6 +105,9 @@ class TrainConfig:
     # compute the loss one window slot at a time and recompute the head's logits in the backward pass: the
     # [B, T, k, V] logits (k times the base model's) are never held, for one more forward of the head
     recompute_logits: bool = False
+    # torch.compile the training forward (True, or a dict of torch.compile options); LlamaGen's trainer compiles
+    # by default. Checkpoints, resume and the EMA are unaffected; the first steps are slow while it compiles
+    compile: bool | dict[str, Any] = False
     save_backbone: bool | None = None  # passed to save_pretrained (None: not when the backbone is frozen)
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest in out_dir, if any)
     progress: bool = True
@@ -151,6 +154,8 @@ class TrainConfig:
         for name in ("shuffle", "fsdp", "progress", "recompute_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.compile, (bool, dict)):
+            raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {self.compile!r}")
         if not isinstance(self.out_dir, (str, os.PathLike)):
             raise ValueError(f"out_dir must be a path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)
@@ -367,6 +372,10 @@ class Trainer:
         # LlamaGen seeds each rank differently (dropout and label dropout differ across ranks).
         torch.manual_seed(cfg.seed * self.world_size + self.rank)
         self.model = self._prepare_model()
+        #: what a training step calls: the (DDP/FSDP) model, compiled when asked; state dicts keep using `model`
+        self.forward_model = self.model
+        if cfg.compile:
+            self.forward_model = torch.compile(self.model, **(cfg.compile if isinstance(cfg.compile, dict) else {}))
         self.param_names = [n for n, p in wrapper.named_parameters() if p.requires_grad]
         if not self.param_names:
             raise ValueError("the wrapper has no trainable parameters")
@@ -532,8 +541,8 @@ class Trainer:
             cond = cond.to(self.device, non_blocking=True)
             with self._sync_context(micro == accum - 1):
                 with self._autocast():
-                    out = self.model(codes, cond, generator=self.noise_generator, validate=False,
-                                     return_logits=not cfg.recompute_logits)
+                    out = self.forward_model(codes, cond, generator=self.noise_generator, validate=False,
+                                             return_logits=not cfg.recompute_logits)
                 loss, slots = out.loss, out.slot_losses.detach().float()
                 del out  # the logits (if any) are not needed for the backward pass: free them first
                 (loss / accum).backward()

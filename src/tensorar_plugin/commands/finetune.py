@@ -144,6 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        help="keep an EMA of the weights with this decay (e.g. 0.9999), saved in ema/ folders")
     optim.add_argument("--fsdp", action="store_true",
                        help="shard the model with FSDP (under torchrun) for models that do not fit one GPU")
+    optim.add_argument("--compile", action="store_true",
+                       help="torch.compile the training forward (as LlamaGen's trainer does by default; the first "
+                            "steps are slow while it compiles)")
     optim.add_argument("--recompute-logits", action="store_true",
                        help="never hold the [batch, tokens, k, vocab] logits: compute the loss one slot at a time and "
                             "recompute the head in the backward pass (less memory, one more head forward)")
@@ -206,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
             mixed_precision=args.precision, ema_decay=args.ema, log_every=args.log_every,
             ckpt_every=args.save_every, keep_checkpoints=args.keep_checkpoints, out_dir=args.out, seed=args.seed,
             num_workers=args.num_workers, device=args.device, fsdp=args.fsdp, recompute_logits=args.recompute_logits,
-            save_backbone=args.save_backbone, resume_from=args.resume, progress=not args.no_progress,
+            compile=args.compile, save_backbone=args.save_backbone, resume_from=args.resume,
+            progress=not args.no_progress,
             extra={"model": str(args.model), "image_size": args.image_size, "model_config": overrides,
                    "codes": str(args.codes), "window": args.window},
         )
