@@ -492,12 +492,19 @@ def test_fid_command_reports_unusable_inputs_naming_the_file(tmp_path, cli_error
     not_script = tmp_path / "state_dict.pt"
     torch.save({"weight": torch.zeros(2)}, not_script)
     message = cli_error(["fid", str(npz), str(npz), "--inception", str(not_script), "--device", "cpu"])
-    assert message.startswith(f"inception = {not_script} is not a TorchScript file")
+    assert message.startswith(f"{not_script} is not a TorchScript file, so it cannot be the Inception network")
     np.savez(tmp_path / "other.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
     net = save_scripted(tmp_path / "probe.pt")
     message = cli_error(["fid", str(tmp_path / "other.npz"), str(npz), "--inception", str(net), "--device", "cpu",
                          "--no-progress"])
     assert message == f"{tmp_path / 'other.npz'} has no 'arr_0' (arrays: ['images'])"
+    (tmp_path / "broken.npz").write_bytes(b"not a zip archive")
+    (tmp_path / "one.png").write_bytes(b"")
+    for name, expected in (("broken.npz", "is not an .npz file (not a zip archive)"),
+                           ("one.png", "is neither an image folder nor an .npz file")):
+        message = cli_error(["fid", str(tmp_path / name), str(npz), "--inception", str(net), "--device", "cpu",
+                             "--no-progress"])
+        assert message == f"{tmp_path / name} {expected}"
 
 
 def test_fid_command_without_inception_says_how_to_get_it(tmp_path, monkeypatch, cli_error):

@@ -435,3 +435,7 @@ def test_compiled_training_forward_trains_like_eager_and_checkpoints_the_same_ke
     assert keys("compiled") == keys("eager")
     with pytest.raises(ValueError, match="compile must be True, False or a dict"):
         config(tmp_path, compile="yes")
+    with pytest.raises(ValueError, match="compile options must be JSON values"):
+        config(tmp_path, compile={"backend": lambda gm, inputs: gm})
+    with pytest.raises(ValueError, match="fullgraph.*torch.Generator"):
+        config(tmp_path, compile={"fullgraph": True})

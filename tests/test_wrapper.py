@@ -400,7 +400,22 @@ def test_training_noise_uses_the_schedule_computed_at_construction(schedule):
     noised, _ = replace_slots(windows, wrapper.noise_beta, 64, torch.Generator().manual_seed(5))
     expected = discrete_tensor_noise(windows, 64, schedule, max_noise=0.8, generator=torch.Generator().manual_seed(5))
     assert torch.equal(noised, expected)  # the same draws as the checked public function
-    assert wrapper.to(torch.bfloat16).noise_beta.dtype == torch.float32  # compared with float32 draws
+
+
+def test_config_buffers_keep_exact_float32_values_through_casts_and_to_empty():
+    from tensorar_plugin.noise import noise_schedule
+
+    weights = [1.0, 0.1, 0.1, 0.3]
+    for build in ("cast", "meta"):
+        if build == "cast":
+            wrapper = TensorARWrapper(tiny_llamagen(), window=4, slot_weights=weights).to(torch.bfloat16)
+        else:  # built without memory, then materialised: non-persistent buffers are not in any state dict
+            with torch.device("meta"):
+                wrapper = TensorARWrapper(tiny_llamagen(), window=4, slot_weights=weights)
+            wrapper.to_empty(device="cpu")
+        assert wrapper.noise_beta.dtype == wrapper.slot_weights.dtype == torch.float32
+        assert torch.equal(wrapper.noise_beta, noise_schedule(4, "exponential")), build  # not rounded to bf16
+        assert torch.equal(wrapper.slot_weights, torch.tensor(weights)), build
 
 
 def test_bad_custom_schedule_is_refused_at_construction_and_unsaved_ones_at_training():

@@ -156,6 +156,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.compile, (bool, dict)):
             raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {self.compile!r}")
+        if isinstance(self.compile, dict):
+            if self.compile.get("fullgraph"):
+                raise ValueError("compile={'fullgraph': True} cannot work: the noise draws take a torch.Generator, "
+                                 "which dynamo keeps out of the graph")
+            try:  # saved with every checkpoint
+                json.dumps(self.compile)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"compile options must be JSON values (they are saved with the checkpoints; pass a "
+                                 f"backend by name): {err}") from None
         if not isinstance(self.out_dir, (str, os.PathLike)):
             raise ValueError(f"out_dir must be a path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)

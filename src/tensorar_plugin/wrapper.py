@@ -200,10 +200,13 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             self.decoder = TensorDecoder(depth=config.decoder_depth, **shape).to(ref.device, ref.dtype)
             if config.noise_schedule == ADAPTIVE:  # saved with the encoder, so resuming keeps the noise level
                 self.encoder.register_buffer("draft_accuracy", torch.zeros(config.window, device=ref.device))
+        # buffers derived from the config, float32: kept exactly on the CPU too, and put back after every move
+        # or cast (`_apply`), so `.to(torch.bfloat16)` cannot round them and `to_empty()` cannot leave them empty
+        weights = config.slot_weights or [1.0] * config.window
+        self.__dict__["_exact_buffers"] = {"slot_weights": torch.tensor(weights, dtype=torch.float32, device="cpu")}
+        self.register_buffer("slot_weights", None, persistent=False)
         self.register_buffer("noise_beta", None, persistent=False)
         self._set_noise_schedule(self._schedule)
-        weights = config.slot_weights or [1.0] * config.window
-        self.register_buffer("slot_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.set_backbone_frozen(freeze_backbone)
         # The hub mixin would write the constructor arguments to config.json; ours is tensorar_config.json.
         self._hub_mixin_config = None
@@ -218,10 +221,14 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         self._schedule = schedule
         beta = None
         if not (isinstance(schedule, str) and schedule in (ADAPTIVE, "custom")):
-            # on the CPU first: a model built on the meta device has no values to check
+            # on the CPU: a model built on the meta device has no values to check
             beta = schedule_betas(self.config.window, schedule, max_noise=self.config.max_noise, device="cpu")
-            beta = beta.to(self.adapter.embedding_weight.device)
-        self.noise_beta = beta
+        self._exact_buffers["noise_beta"] = beta
+        self._place_exact_buffers(self.adapter.embedding_weight.device)
+
+    def _place_exact_buffers(self, device: torch.device) -> None:
+        for name, value in self._exact_buffers.items():
+            self._buffers[name] = None if value is None else value.to(device)
 
     # -- introspection -------------------------------------------------------------------------
     @property
@@ -373,8 +380,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         adaptive = self.adaptive_beta()
         if adaptive is None:
             raise ValueError("this wrapper's config names a custom noise schedule, which cannot be saved: pass the "
-                             "callable (TensorARWrapper(..., noise_schedule=fn) or from_pretrained(..., "
-                             "noise_schedule=fn))")
+                             "callable, as TensorARWrapper(model, noise_schedule=fn, ...) without config=, or as "
+                             "from_pretrained(..., noise_schedule=fn)")
         return torch.cat([torch.zeros_like(adaptive[:1]), adaptive[1:]])
 
     def adaptive_beta(self) -> torch.Tensor | None:
@@ -422,8 +429,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         encoder = self.encoder
         if encoder is not None and "draft_accuracy" in encoder._buffers:
             encoder._buffers["draft_accuracy"] = encoder._buffers["draft_accuracy"].float()
-        if self.noise_beta is not None:  # probabilities compared with float32 draws
-            self._buffers["noise_beta"] = self.noise_beta.float()
+        if "_exact_buffers" in self.__dict__:  # the config's buffers: exact values on the new device
+            self._place_exact_buffers(self.slot_weights.device)
         return self
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor):

@@ -13,6 +13,7 @@ evaluator's `VIRTUAL_imagenet256_labeled.npz` does) are used as they are.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -20,6 +21,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -62,7 +64,9 @@ def load_inception_network(path: str | os.PathLike[str] | None = None) -> nn.Mod
         try:
             return torch.jit.load(str(file), map_location="cpu").eval()
         except RuntimeError as err:  # not a TorchScript archive (a state dict, a truncated download, ...)
-            raise ValueError(f"inception = {file} is not a TorchScript file ({str(err).splitlines()[0]})") from err
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{file} is not a TorchScript file, so it cannot be the Inception network for FID "
+                             f"({reason})") from err
 
 
 def tf_bilinear_resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -122,28 +126,35 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
-def _open_member(archive: zipfile.ZipFile, path: Path, key: str):
-    """Array `key` of the `.npz` `archive` (read from `path`) as a stream; a ValueError naming the file if absent."""
-    name = f"{key}.npy"
-    if name not in archive.namelist():
-        raise ValueError(f"{path} has no {key!r} (arrays: {[n[:-4] for n in archive.namelist()]})")
-    return archive.open(name)
+@contextlib.contextmanager
+def _npz_member(path: Path, key: str) -> Iterator[IO[bytes]]:
+    """Array `key` of the `.npz` at `path` as a stream; a ValueError naming the file when it is not an `.npz`
+    (zip) archive or lacks `key`."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not an .npz file (not a zip archive)") from None
+    with archive:
+        name = f"{key}.npy"
+        if name not in archive.namelist():
+            raise ValueError(f"{path} has no {key!r} (arrays: {[n[:-4] for n in archive.namelist()]})")
+        with archive.open(name) as f:
+            yield f
 
 
 def _npz_member_batches(path: Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
     """Read `key` of an `.npz` in batches along its first axis, never the whole array (50k images are ~10 GB)."""
-    with zipfile.ZipFile(path) as archive:
-        with _open_member(archive, path, key) as f:
-            shape, fortran, dtype = _read_npy_header(f)
-            if fortran or len(shape) != 4:
-                raise ValueError(f"{path}:{key} must be a C-ordered [N, H, W, 3] array, got shape {shape}")
-            per_item = int(np.prod(shape[1:])) * dtype.itemsize
-            for start in range(0, shape[0], batch_size):
-                count = min(batch_size, shape[0] - start)
-                buffer = bytearray(f.read(per_item * count))  # writable: torch warns on read-only arrays
-                if len(buffer) != per_item * count:
-                    raise ValueError(f"{path}:{key} is truncated (header says {shape[0]} items)")
-                yield np.frombuffer(buffer, dtype=dtype).reshape(count, *shape[1:])
+    with _npz_member(path, key) as f:
+        shape, fortran, dtype = _read_npy_header(f)
+        if fortran or len(shape) != 4:
+            raise ValueError(f"{path}:{key} must be a C-ordered [N, H, W, 3] array, got shape {shape}")
+        per_item = int(np.prod(shape[1:])) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            buffer = bytearray(f.read(per_item * count))  # writable: torch warns on read-only arrays
+            if len(buffer) != per_item * count:
+                raise ValueError(f"{path}:{key} is truncated (header says {shape[0]} items)")
+            yield np.frombuffer(buffer, dtype=dtype).reshape(count, *shape[1:])
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -158,7 +169,9 @@ def count_images(source: str | os.PathLike[str]) -> int:
     path = Path(source)
     if path.is_dir():
         return len(_image_files(path))
-    with zipfile.ZipFile(path) as archive, _open_member(archive, path, "arr_0") as f:
+    if path.suffix != ".npz":
+        raise ValueError(f"{path} is neither an image folder nor an .npz file")
+    with _npz_member(path, "arr_0") as f:
         return int(_read_npy_header(f)[0][0])
 
 
