@@ -324,7 +324,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         if tokens.shape[1] > 1:
             windows = input_windows(tokens, k)
             if self.training and k > 1:
-                windows, _ = replace_slots(windows, self._training_beta(), self.vocab_size, generator)
+                beta = self._training_beta().to(windows.device)  # no copy when already there (the usual case)
+                windows, _ = replace_slots(windows, beta, self.vocab_size, generator)
                 if self.config.draft_source == "model":
                     with torch.no_grad():
                         hidden = self._window_hidden(cond_embeddings.detach(), windows, mask_kwargs)
