@@ -3,13 +3,14 @@
 #
 #   bash benchmarks/speed_on_device.sh smoke OUT_DIR [LLAMAGEN_DIR]   # tiny model + the fp64 fast-path check
 #   bash benchmarks/speed_on_device.sh GPT-B OUT_DIR [LLAMAGEN_DIR]   # then GPT-L, GPT-XL: one JSON each
+#   bash benchmarks/speed_on_device.sh memory OUT_DIR                  # training memory (benchmarks/memory.py)
 #
 # Works from a source checkout without installing the package (PYTHONPATH=src). The JSON and the log go to
 # OUT_DIR; merge the per-model files with benchmarks/plot_speed.py A.json B.json --merged-json OUT.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-model="${1:?usage: speed_on_device.sh smoke|GPT-B|GPT-L|GPT-XL OUT_DIR [LLAMAGEN_DIR]}"
+model="${1:?usage: speed_on_device.sh smoke|GPT-B|GPT-L|GPT-XL|memory OUT_DIR [LLAMAGEN_DIR]}"
 out="${2:?usage: speed_on_device.sh MODEL OUT_DIR [LLAMAGEN_DIR]}"
 reference="${3:-.llamagen_ref}"
 mkdir -p "$out"
@@ -17,6 +18,14 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 device="${SPEED_DEVICE:-cuda}"  # SPEED_DEVICE=cpu: a dry run of this script on a machine without a GPU
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if '$device' != 'cpu' else 'cpu')"
+if [ "$model" = memory ]; then  # GPT-B and GPT-L at LlamaGen's per-GPU batch (256 over 8 GPUs); micro for a dry run
+    if [ "$device" = cpu ]; then models=(micro); batch=2; else models=(GPT-B GPT-L); batch=32; fi
+    for source in noise model; do
+        python3 benchmarks/memory.py --device "$device" --models "${models[@]}" --batch-size "$batch" --steps 3 \
+            --draft-source "$source" --json "$out/memory_$source.json" 2>&1 | tee "$out/memory_$source.log"
+    done
+    exit 0
+fi
 common=(--device "$device" --dtype bf16 --compile-ours --compile)
 if [ -d "$reference/autoregressive" ]; then
     common+=(--reference "$reference")
