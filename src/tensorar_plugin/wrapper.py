@@ -203,7 +203,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         # buffers derived from the config, float32: kept exactly on the CPU too, and put back after every move
         # or cast (`_apply`), so `.to(torch.bfloat16)` cannot round them and `to_empty()` cannot leave them empty
         weights = config.slot_weights or [1.0] * config.window
-        self.__dict__["_exact_buffers"] = {"slot_weights": torch.tensor(weights, dtype=torch.float32, device="cpu")}
+        self._exact_buffers = {"slot_weights": torch.tensor(weights, dtype=torch.float32, device="cpu")}
         self.register_buffer("slot_weights", None, persistent=False)
         self.register_buffer("noise_beta", None, persistent=False)
         self._set_noise_schedule(self._schedule)
@@ -227,6 +227,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         self._place_exact_buffers(self.adapter.embedding_weight.device)
 
     def _place_exact_buffers(self, device: torch.device) -> None:
+        """Set the config-derived buffers (`slot_weights`, `noise_beta`) from their exact float32 values."""
         for name, value in self._exact_buffers.items():
             self._buffers[name] = None if value is None else value.to(device)
 
@@ -566,7 +567,6 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
     def extra_repr(self) -> str:
         return (f"window={self.window}, new_parameters={self.num_new_parameters():,}, "
                 f"noise_schedule={self.config.noise_schedule!r}, backbone_frozen={self.backbone_frozen}")
-
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
