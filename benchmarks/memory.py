@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from tensorar_plugin import TensorARWrapper
-from tensorar_plugin.models.llamagen import LlamaGen, LlamaGenConfig, build_llamagen
 
-PRESETS = {"micro": dict(dim=32, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10, multiple_of=16)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import new_llamagen  # noqa: E402  (the model presets speed.py measures)
+
 MODES = {"default": True, "recompute_logits": False}  # mode -> forward's return_logits
 
 
@@ -65,7 +66,7 @@ def measure(model_name: str, mode: str, batch: int, window: int, device: str, pr
     optimizer state), i.e. activations and gradients, and the mean time of `steps` more steps."""
     torch.manual_seed(0)
     with torch.device(device):
-        base = LlamaGen(LlamaGenConfig(**PRESETS[model_name])) if model_name in PRESETS else build_llamagen(model_name)
+        base = new_llamagen(model_name)
     wrapper = TensorARWrapper(base, window=window, draft_source=draft_source).train()
     optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-5)
     length = base.config.block_size
@@ -112,7 +113,8 @@ def measure(model_name: str, mode: str, batch: int, window: int, device: str, pr
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["GPT-B"], help="LlamaGen presets (GPT-B, GPT-L, ...) or micro")
+    parser.add_argument("--models", nargs="+", default=["GPT-B"],
+                        help="LlamaGen presets (GPT-B, GPT-L, ...), or tiny / micro")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--window", type=int, default=4, help="TensorAR window k")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

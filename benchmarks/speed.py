@@ -45,10 +45,15 @@ TARGETS = {"speedup_vs_llamagen_compiled": 3.0, "tensorar_over_plain": 1.10, "pl
 KERNEL_CALL = re.compile(r"\b(?:cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(")
 
 
+def new_llamagen(name: str) -> LlamaGen:
+    """A freshly initialised LlamaGen: one of `PRESETS` (tiny test sizes) or a LlamaGen preset (GPT-B, GPT-L, ...)."""
+    return LlamaGen(LlamaGenConfig(**PRESETS[name])) if name in PRESETS else build_llamagen(name)
+
+
 def make_model(name: str, device: str, dtype: torch.dtype) -> LlamaGen:
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaGen(LlamaGenConfig(**PRESETS[name])) if name in PRESETS else build_llamagen(name)
+        model = new_llamagen(name)
     torch.nn.init.normal_(model.output.weight, std=0.02)
     return model.to(dtype).eval()
 
