@@ -164,13 +164,21 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
+def _is_image_folder(source: str | os.PathLike[str]) -> bool:
+    """True for a folder of images, False for an `.npz`; anything else is a ValueError naming it."""
+    path = Path(source)
+    if path.is_dir():
+        return True
+    if path.suffix != ".npz":
+        raise ValueError(f"{path} is neither an image folder nor an .npz file")
+    return False
+
+
 def count_images(source: str | os.PathLike[str]) -> int:
     """Number of images in an `.npz` (`arr_0`) or an image folder."""
     path = Path(source)
-    if path.is_dir():
+    if _is_image_folder(path):
         return len(_image_files(path))
-    if path.suffix != ".npz":
-        raise ValueError(f"{path} is neither an image folder nor an .npz file")
     with _npz_member(path, "arr_0") as f:
         return int(_read_npy_header(f)[0][0])
 
@@ -180,18 +188,16 @@ def iter_image_batches(source: str | os.PathLike[str], batch_size: int = 100) ->
     from PIL import Image
 
     path = Path(source)
-    if path.is_dir():
-        files = _image_files(path)
-        for start in range(0, len(files), batch_size):
-            arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files[start:start + batch_size]]
-            shapes = {a.shape for a in arrays}
-            if len(shapes) > 1:
-                raise ValueError(f"images in {path} differ in size ({sorted(shapes)}): resize them first")
-            yield np.stack(arrays)
-    elif path.suffix == ".npz":
+    if not _is_image_folder(path):
         yield from _npz_member_batches(path, "arr_0", batch_size)
-    else:
-        raise ValueError(f"{path} is neither an image folder nor an .npz file")
+        return
+    files = _image_files(path)
+    for start in range(0, len(files), batch_size):
+        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files[start:start + batch_size]]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"images in {path} differ in size ({sorted(shapes)}): resize them first")
+        yield np.stack(arrays)
 
 
 def activation_statistics(source, features: InceptionFeatures, *, batch_size: int = 100,
