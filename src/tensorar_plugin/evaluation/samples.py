@@ -17,15 +17,16 @@ import math
 import os
 import zipfile
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..files import atomic_path
 
 __all__ = ["eval_labels", "batch_seed", "sample_images", "pack_npz", "LABEL_MODES", "SETTINGS_NAME", "LABELS_NAME"]
 
@@ -78,9 +79,9 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], labels: torch.Tensor
                            "several processes sample into one folder)")
     if any(folder.glob("*.png")):
         raise ValueError(f"{folder} already holds PNG files but no {SETTINGS_NAME}: use an empty folder")
-    with _atomic(labels_path) as tmp:  # settings last: they mark the folder as set up
+    with atomic_path(labels_path) as tmp:  # settings last: they mark the folder as set up
         np.save(tmp, labels.numpy(), allow_pickle=False)
-    with _atomic(settings_path) as tmp:
+    with atomic_path(settings_path) as tmp:
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
@@ -177,23 +178,10 @@ def _recordable(value: Any) -> Any:
     return repr(value)
 
 
-@contextmanager
-def _atomic(target: Path) -> Iterator[Path]:
-    """A hidden temporary path beside `target` (same suffix), renamed onto it when the block succeeds: a file
-    that exists is complete, so an interrupted run never leaves half-written samples or records."""
-    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind, not even the hidden partial file
-        raise
-    tmp.replace(target)
-
-
 def _write_png(array: np.ndarray, target: Path) -> None:
     from PIL import Image
 
-    with _atomic(target) as tmp:
+    with atomic_path(target) as tmp:
         Image.fromarray(array).save(tmp)
 
 
@@ -232,7 +220,7 @@ def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num_samples, *first.shape)}
     # streamed into the zip image by image: 50k 256-px images are 9.8 GB, never held in memory at once
-    with _atomic(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for i in tqdm(range(num_samples), disable=not progress, desc="packing", unit="img"):
