@@ -1,16 +1,14 @@
-"""Datasets of image tokens (LlamaGen's code layout, in-memory tensors) and `tokenize_images`."""
+"""Datasets of image tokens: LlamaGen's code layout (`CodesDataset`) and in-memory tensors (`TokenDataset`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tensorar_plugin.data import CodesDataset, TokenDataset, center_crop, tokenize_images
-from tensorar_plugin.models.vq import VQConfig, VQModel, images_to_tensor
+from tensorar_plugin.data import CodesDataset, TokenDataset
 
 
 def write_layout(root: Path, codes: list[np.ndarray], labels: list[int], name: str = "imagenet64") -> Path:
@@ -26,13 +24,6 @@ def write_layout(root: Path, codes: list[np.ndarray], labels: list[int], name: s
 def llamagen_codes(n: int = 6, n_aug: int = 2, length: int = 16, vocab: int = 64, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, (1, n_aug, length), dtype=np.int64) for _ in range(n)]
-
-
-def tiny_vq(seed: int = 0) -> VQModel:
-    """A 4x-downsampling tokenizer with 64 codes (16 px images -> 4x4 grids)."""
-    torch.manual_seed(seed)
-    return VQModel(VQConfig(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2, 2],
-                            decoder_ch_mult=[1, 2, 2], z_channels=32, base_channels=32)).eval()
 
 
 # -- CodesDataset: reading ---------------------------------------------------------------------
@@ -207,84 +198,3 @@ def test_token_dataset_errors():
     assert ambiguous.num_augmentations == 4 and ambiguous.num_tokens == 4  # read as documented, and said so
     two_views = TokenDataset(torch.zeros(2, 2, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     assert two_views.num_augmentations == 2
-
-
-# -- tokenize_images ----------------------------------------------------------------------------
-
-
-def test_tokenize_arrays_writes_the_layout_codes_dataset_reads(tmp_path):
-    vq = tiny_vq()
-    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    codes_dir = tokenize_images(images, vq, tmp_path, labels=[0, 1, 2, 1, 0], batch_size=2, progress=False)
-    assert codes_dir == tmp_path / "images16_codes"
-    raw = np.load(codes_dir / "3.npy")
-    assert raw.shape == (1, 2, 16) and raw.dtype == np.int64
-    assert np.load(tmp_path / "images16_labels" / "3.npy").tolist() == [1]
-    x = images_to_tensor(images)
-    with torch.no_grad():
-        plain, flipped = vq.encode_to_codes(x), vq.encode_to_codes(x.flip(-1))
-    assert np.array_equal(raw[0, 0], plain[3].numpy()) and np.array_equal(raw[0, 1], flipped[3].numpy())
-    ds = CodesDataset(tmp_path, num_tokens=16, codebook_size=64, validate=True)
-    assert len(ds) == 5 and int(ds[2][1]) == 2 and ds.num_augmentations == 2
-
-    with pytest.raises(ValueError, match="already holds 5 .npy files"):
-        tokenize_images(images[:2], vq, tmp_path, labels=[0, 0], progress=False)
-    tokenize_images(images[:2], vq, tmp_path, labels=[0, 0], progress=False, overwrite=True, flip=False)
-    ds = CodesDataset(tmp_path)
-    assert len(ds) == 2 and ds.num_augmentations == 1
-
-
-def test_tokenize_image_folder_with_class_subfolders(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "images"
-    for name, count in (("cat", 2), ("ant", 1), ("dog", 2)):
-        (folder / name / "sub").mkdir(parents=True)
-        for i in range(count):
-            shape = (28, 28, 3) if name == "dog" else (24, 20, 3)  # not square / not one size: center-cropped
-            array = rng.integers(0, 256, shape, dtype=np.uint8)
-            Image.fromarray(array).save(folder / name / ("sub" if i else ".") / f"{i}.png")
-    (folder / "cat" / "notes.txt").write_text("ignored")
-    codes_dir = tokenize_images(folder, tiny_vq(), tmp_path / "out", image_size=16, progress=False, name="pets")
-    ds = CodesDataset(codes_dir)
-    assert [int(ds[i][1]) for i in range(len(ds))] == [0, 1, 1, 2, 2]  # ant, cat, cat, dog, dog
-    assert json.loads((tmp_path / "out" / "pets_classes.json").read_text())["classes"] == ["ant", "cat", "dog"]
-    with pytest.raises(ValueError, match="labels must not be given"):
-        tokenize_images(folder, tiny_vq(), tmp_path / "x", labels=[0], progress=False)
-    with pytest.raises(ValueError, match=r"ant/0\.png: images are 20x24, not square; pass image_size="):
-        tokenize_images(folder, tiny_vq(), tmp_path / "y", progress=False)  # without image_size: square images only
-
-
-def test_tokenize_errors(tmp_path):
-    vq = tiny_vq()
-    with pytest.raises(ValueError, match="labels are required"):
-        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path)
-    with pytest.raises(ValueError, match="got 2 images but 3 labels"):
-        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path, labels=[0, 1, 2])
-    with pytest.raises(ValueError, match="image 1: image is 8x8"):
-        tokenize_images([np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)], vq, tmp_path,
-                        labels=[0, 0], progress=False)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no class sub-folders"):
-        tokenize_images(tmp_path / "empty", vq, tmp_path / "out")
-    with pytest.raises(ValueError, match="labels must be integer class ids, got dtype float64"):
-        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path, labels=[0.9, 2.7])  # not cut to 0, 2
-    with pytest.raises(ValueError, match="images are 24x16, not square; pass image_size="):
-        tokenize_images(np.zeros((2, 16, 24, 3), np.uint8), vq, tmp_path / "wide", labels=[0, 1], progress=False)
-
-
-def test_center_crop():
-    from PIL import Image
-
-    out = center_crop(Image.new("RGB", (100, 60)), 16)
-    assert out.size == (16, 16)
-    # a 120x60 image, red | green | blue in vertical thirds: the 16x16 crop of its 32x16 resize is the middle
-    stripes = np.zeros((60, 120, 3), np.uint8)
-    for third in range(3):
-        stripes[:, 40 * third: 40 * (third + 1), third] = 255
-    crop = np.asarray(center_crop(Image.fromarray(stripes), 16)).astype(int)
-    assert crop.shape == (16, 16, 3)
-    assert (crop[:, 3:13, 1] > 200).all() and (crop[:, 3:13, [0, 2]] < 60).all()  # green inside, away from the edges
-    tall = np.asarray(center_crop(Image.fromarray(stripes.transpose(1, 0, 2).copy()), 16)).astype(int)
-    assert (tall[3:13, :, 1] > 200).all()  # the same along the other axis

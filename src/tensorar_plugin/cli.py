@@ -22,6 +22,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 #: command modules, in the order `tensorar --help` lists them
 COMMAND_MODULES = (
     "tensorar_plugin.commands.sample",
+    "tensorar_plugin.commands.tokenize",
     "tensorar_plugin.commands.finetune",
     "tensorar_plugin.commands.sample_npz",
     "tensorar_plugin.commands.fid",

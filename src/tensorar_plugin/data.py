@@ -8,8 +8,9 @@ every image ``i``, two NumPy files::
 
 :class:`CodesDataset` reads that layout (arrays of shape ``(n_aug, h*w)`` or ``(h*w,)`` work as
 well) and picks one augmentation per item; :class:`TokenDataset` serves in-memory tensors the same
-way; :func:`tokenize_images` writes the layout from an image folder (one sub-folder per class, as
-torchvision's ``ImageFolder``) or from arrays / PIL images, with a :class:`~tensorar_plugin.models.vq.VQModel`.
+way; :func:`tokenize_images` (in :mod:`tensorar_plugin.image_codes`, re-exported here) writes the layout
+from an image folder (one sub-folder per class, as torchvision's ``ImageFolder``) or from arrays / PIL
+images, with a :class:`~tensorar_plugin.models.vq.VQModel`.
 
 Both datasets return ``(codes, label)``: a ``LongTensor [h*w]`` and a 0-d ``LongTensor``. Which
 augmentation an item uses is drawn from a generator seeded with ``(seed, epoch, index)``, so it does
@@ -21,26 +22,20 @@ resumed run sees exactly the augmentations the uninterrupted run would have seen
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset
+
+from .image_codes import CODES_SUFFIX, IMAGE_EXTENSIONS, LABELS_SUFFIX, center_crop, tokenize_images
 
 __all__ = ["CodesDataset", "TokenDataset", "tokenize_images", "IMAGE_EXTENSIONS", "center_crop"]
 
-#: File extensions `tokenize_images` reads from a folder (compared case-insensitively).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-CODES_SUFFIX = "_codes"
-LABELS_SUFFIX = "_labels"
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,206 +313,3 @@ class TokenDataset(_AugmentedDataset):
         index %= len(self)
         aug = self._augmentation(index, self.num_augmentations)
         return self.codes[index, aug].clone(), self.labels[index].clone()
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizing images
-# --------------------------------------------------------------------------------------------
-
-
-def center_crop(image: Any, size: int) -> Any:
-    """Resize a PIL image so its shorter side is `size`, then crop the central `size x size` square.
-
-    Large images are first halved with a box filter while they stay at least twice the target, then
-    resized with a bicubic filter (the ADM / LlamaGen recipe), which avoids aliasing.
-    """
-    from PIL import Image
-
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def _scan_folder(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """ImageFolder semantics: sorted class sub-folders, their image files (recursively, sorted)."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{folder}: no class sub-folders (expected <folder>/<class name>/<image files>)")
-    items: list[tuple[Path, int]] = []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        items.extend((path, label) for path in files)
-    if not items:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class sub-folders")
-    return items, classes
-
-
-def _as_items(images: Any, labels: Any) -> list[tuple[Any, int]]:
-    """Pair in-memory images (a uint8 array [N, H, W, 3] / [N, H, W], or a list) with their labels."""
-    if labels is None:
-        raise ValueError("labels are required for in-memory images (one class id per image); "
-                         "only an image folder gives its labels by sub-folder")
-    if isinstance(images, torch.Tensor):
-        images = images.cpu().numpy()
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise ValueError(f"an image array must be uint8 [N, H, W, 3] or [N, H, W], got {images.dtype} "
-                             f"{images.shape}")
-        images = list(images)
-    elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
-        raise ValueError(f"images must be a folder, a uint8 array or a list of PIL images / arrays, got "
-                         f"{type(images).__name__}")
-    label_array = np.asarray(labels).reshape(-1)
-    if label_array.dtype.kind not in "iu":  # int() would truncate 0.9 to 0 without a word
-        raise ValueError(f"labels must be integer class ids, got dtype {label_array.dtype}")
-    labels = [int(x) for x in label_array]
-    if len(labels) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
-    if any(x < 0 for x in labels):
-        raise ValueError("labels must be class ids >= 0")
-    if not images:
-        raise ValueError("images must not be empty")
-    return list(zip(images, labels, strict=True))
-
-
-def _prepare(item: Any, image_size: int | None, where: str) -> np.ndarray:
-    """One image (path, PIL image or uint8 array) -> uint8 RGB array [H, W, 3], center-cropped if asked."""
-    from PIL import Image
-
-    if isinstance(item, (str, os.PathLike)):
-        try:
-            with Image.open(item) as img:
-                image = img.convert("RGB")
-        except OSError as exc:
-            raise ValueError(f"{where}: cannot read image ({exc})") from exc
-    elif isinstance(item, Image.Image):
-        image = item.convert("RGB")
-    elif isinstance(item, np.ndarray):
-        if item.dtype != np.uint8:
-            raise ValueError(f"{where}: image arrays must be uint8, got {item.dtype}")
-        if item.ndim == 2:
-            item = np.repeat(item[..., None], 3, axis=-1)
-        if item.ndim != 3 or item.shape[-1] != 3:
-            raise ValueError(f"{where}: image arrays must be [H, W, 3] or [H, W], got {item.shape}")
-        if image_size is None:
-            return item
-        image = Image.fromarray(item)
-    else:
-        raise ValueError(f"{where}: expected a PIL image or a uint8 array, got {type(item).__name__}")
-    if image_size is not None:
-        image = center_crop(image, image_size)
-    return np.asarray(image)
-
-
-def _model_place(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(module.parameters(), None)
-    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
-
-
-@torch.no_grad()
-def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | os.PathLike[str],
-                    labels: Any = None, *, batch_size: int = 32, device: str | torch.device | None = None,
-                    progress: bool = True, flip: bool = True, image_size: int | None = None,
-                    name: str | None = None, overwrite: bool = False) -> Path:
-    """Encode images into LlamaGen's code layout under `out_root`; return the ``*_codes`` folder.
-
-    Args:
-        images_or_folder: a folder with one sub-folder per class (labels = sorted sub-folder index,
-            like torchvision's ``ImageFolder``; the class names are written to
-            ``<name>_classes.json``), or a uint8 array ``[N, H, W, 3]`` / a list of PIL images or
-            uint8 arrays together with ``labels``.
-        vq_model: a :class:`~tensorar_plugin.models.vq.VQModel` (anything with ``encode_to_codes``).
-        labels: class ids for in-memory images (not allowed with a folder).
-        batch_size: images encoded at once.
-        device: where to encode; the model is moved there. Default: where the model is.
-        progress: show a tqdm progress bar.
-        flip: also store the horizontally flipped image as a second augmentation (LlamaGen does).
-        image_size: resize + center-crop every image to this square size first (LlamaGen's
-            preprocessing); default: use images as they are (they must then share one size).
-        name: folder prefix: ``<name>_codes`` / ``<name>_labels`` (default ``images<H>``, like
-            LlamaGen's ``imagenet256``).
-        overwrite: replace the ``.npy`` files of an existing output instead of refusing.
-
-    Files are ``<i>.npy`` of shape ``(1, n_aug, h*w)`` (int64) and labels of shape ``(1,)``, exactly
-    what LlamaGen's ``extract_codes_c2i.py`` writes, so :class:`CodesDataset` and LlamaGen's own
-    training script can both read them.
-    """
-    from tqdm import tqdm
-
-    from .models.vq import images_to_tensor
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
-    classes: list[str] | None = None
-    if isinstance(images_or_folder, (str, os.PathLike)):
-        folder = Path(images_or_folder)
-        if not folder.is_dir():
-            raise ValueError(f"{folder}: image folder not found")
-        if labels is not None:
-            raise ValueError("labels must not be given with an image folder: they come from its sub-folders")
-        items, classes = _scan_folder(folder)
-    else:
-        items = _as_items(images_or_folder, labels)
-
-    if device is not None:
-        vq_model.to(device)
-    model_device, model_dtype = _model_place(vq_model)
-    was_training = vq_model.training
-    vq_model.eval()
-
-    out_root = Path(out_root)
-    first = _prepare(items[0][0], image_size, _where(items[0][0], 0))
-    height, width = first.shape[:2]
-    if height != width:  # the codes would not form the square token grid CodesDataset and LlamaGen expect
-        raise ValueError(f"{_where(items[0][0], 0)}: images are {width}x{height}, not square; pass image_size= to "
-                         f"resize and center-crop them to a square")
-    name = name or f"images{height}"
-    codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
-    for folder in (codes_dir, labels_dir):
-        existing = list(folder.glob("*.npy")) if folder.is_dir() else []
-        if existing and not overwrite:
-            raise ValueError(f"{folder}: already holds {len(existing)} .npy files; pass overwrite=True to replace "
-                             f"them or choose another out_root / name")
-        for path in existing:
-            path.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-    if classes is not None:
-        (out_root / f"{name}_classes.json").write_text(json.dumps({"classes": classes}, indent=1) + "\n")
-
-    bar = tqdm(total=len(items), desc="tokenizing", unit="img", disable=not progress)
-    try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start: start + batch_size]
-            arrays = []
-            for offset, (item, _) in enumerate(chunk):
-                index = start + offset
-                array = first if index == 0 else _prepare(item, image_size, _where(item, index))
-                if array.shape[:2] != (height, width):
-                    raise ValueError(f"{_where(item, index)}: image is {array.shape[1]}x{array.shape[0]}, but the "
-                                     f"first image is {width}x{height}; pass image_size= to resize and crop all "
-                                     f"images to one size")
-                arrays.append(array)
-            x = images_to_tensor(np.stack(arrays)).to(model_device, model_dtype)
-            views = torch.cat([x, x.flip(-1)]) if flip else x
-            n_aug = 2 if flip else 1
-            codes = vq_model.encode_to_codes(views).reshape(n_aug, len(chunk), -1).transpose(0, 1)
-            codes = codes.to(torch.int64).cpu().numpy()
-            for offset, (_, label) in enumerate(chunk):
-                index = start + offset
-                np.save(codes_dir / f"{index}.npy", codes[offset][None])
-                np.save(labels_dir / f"{index}.npy", np.array([label], dtype=np.int64))
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        vq_model.train(was_training)
-    return codes_dir
-
-
-def _where(item: Any, index: int) -> str:
-    return str(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"

@@ -3,7 +3,7 @@
     tensorar finetune --model c2i_B_256 --codes /data/imagenet_codes --window 4 --out runs/b256
     torchrun --nproc_per_node 8 -m tensorar_plugin.cli finetune --model c2i_L_384 --image-size 384 ...
 
-The codes folder has LlamaGen's layout (`extract_codes_c2i.py`, or `tensorar_plugin.data.tokenize_images`).
+The codes folder has LlamaGen's layout (`extract_codes_c2i.py`, or `tensorar tokenize IMAGES --out DIR`).
 The run writes `metrics.jsonl`, `checkpoint-<step>/` folders and the final model to `<out>/final`
 (load it with `TensorARWrapper.from_pretrained(path, load_llamagen(...))`).
 """

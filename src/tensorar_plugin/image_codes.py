@@ -1,0 +1,397 @@
+"""Encode images into LlamaGen's code layout, the data step before fine-tuning: resumable and split over processes.
+
+For every image ``i`` (in a fixed order: sorted class folders, then sorted file paths)::
+
+    <out_root>/<name>_codes/<i>.npy     int64 (1, n_aug, h*w)   the image and, with flip, its mirror
+    <out_root>/<name>_labels/<i>.npy    int64 (1,)              the class id
+    <out_root>/<name>_classes.json      the class folder names (image folders only)
+    <out_root>/<name>_tokenize.json     how the codes were made (ours; LlamaGen's readers ignore it)
+
+the files LlamaGen's ``extract_codes_c2i.py`` writes. Each file is written to a hidden temporary name and
+renamed, label before codes, so a code file that exists is complete: an interrupted run resumes by
+encoding only the images whose code file is missing, after checking in the record that the images, the
+tokenizer's weights and the preprocessing are the same. Process ``rank`` of ``world_size`` encodes
+batches ``rank, rank + world_size, ...``; the files do not depend on how many processes wrote them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .files import atomic_path
+
+__all__ = ["tokenize_images", "center_crop", "IMAGE_EXTENSIONS", "CODES_SUFFIX", "LABELS_SUFFIX", "RECORD_SUFFIX"]
+
+#: File extensions `tokenize_images` reads from a folder (compared case-insensitively).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+CODES_SUFFIX = "_codes"
+LABELS_SUFFIX = "_labels"
+#: `<name>_tokenize.json`: the settings a codes folder was made with, checked when a run resumes
+RECORD_SUFFIX = "_tokenize.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Images in, uint8 arrays out
+# --------------------------------------------------------------------------------------------
+
+
+def center_crop(image: Any, size: int) -> Any:
+    """Resize a PIL image so its shorter side is `size`, then crop the central `size x size` square.
+
+    Large images are first halved with a box filter while they stay at least twice the target, then
+    resized with a bicubic filter (the ADM / LlamaGen recipe), which avoids aliasing.
+    """
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _scan_folder(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """ImageFolder semantics: sorted class sub-folders, their image files (recursively, sorted)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{folder}: no class sub-folders (expected <folder>/<class name>/<image files>)")
+    items: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        items.extend((path, label) for path in files)
+    if not items:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class sub-folders")
+    return items, classes
+
+
+def _as_items(images: Any, labels: Any) -> list[tuple[Any, int]]:
+    """Pair in-memory images (a uint8 array [N, H, W, 3] / [N, H, W], or a list) with their labels."""
+    if labels is None:
+        raise ValueError("labels are required for in-memory images (one class id per image); "
+                         "only an image folder gives its labels by sub-folder")
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise ValueError(f"an image array must be uint8 [N, H, W, 3] or [N, H, W], got {images.dtype} "
+                             f"{images.shape}")
+        images = list(images)
+    elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+        raise ValueError(f"images must be a folder, a uint8 array or a list of PIL images / arrays, got "
+                         f"{type(images).__name__}")
+    label_array = np.asarray(labels).reshape(-1)
+    if label_array.dtype.kind not in "iu":  # int() would truncate 0.9 to 0 without a word
+        raise ValueError(f"labels must be integer class ids, got dtype {label_array.dtype}")
+    labels = [int(x) for x in label_array]
+    if len(labels) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+    if any(x < 0 for x in labels):
+        raise ValueError("labels must be class ids >= 0")
+    if not images:
+        raise ValueError("images must not be empty")
+    return list(zip(images, labels, strict=True))
+
+
+def _where(item: Any, index: int) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"
+
+
+def _prepare(item: Any, image_size: int | None, where: str) -> np.ndarray:
+    """One image (path, PIL image or uint8 array) -> uint8 RGB array [H, W, 3], center-cropped if asked."""
+    from PIL import Image
+
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as img:
+                image = img.convert("RGB")
+        except OSError as exc:
+            raise ValueError(f"{where}: cannot read image ({exc})") from exc
+    elif isinstance(item, Image.Image):
+        image = item.convert("RGB")
+    elif isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise ValueError(f"{where}: image arrays must be uint8, got {item.dtype}")
+        if item.ndim == 2:
+            item = np.repeat(item[..., None], 3, axis=-1)
+        if item.ndim != 3 or item.shape[-1] != 3:
+            raise ValueError(f"{where}: image arrays must be [H, W, 3] or [H, W], got {item.shape}")
+        if image_size is None:
+            return item
+        image = Image.fromarray(item)
+    else:
+        raise ValueError(f"{where}: expected a PIL image or a uint8 array, got {type(item).__name__}")
+    if image_size is not None:
+        image = center_crop(image, image_size)
+    return np.asarray(image)
+
+
+class _PreparedImages(Dataset):
+    """`(index, uint8 [H, W, 3])` for the images `indices`, for a DataLoader whose workers decode and crop."""
+
+    def __init__(self, items: list[tuple[Any, int]], indices: list[int], image_size: int | None, side: int):
+        self.items, self.indices, self.image_size, self.side = items, indices, image_size, side
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, np.ndarray]:
+        index = self.indices[position]
+        item = self.items[index][0]
+        array = _prepare(item, self.image_size, _where(item, index))
+        if array.shape[:2] != (self.side, self.side):
+            raise ValueError(f"{_where(item, index)}: image is {array.shape[1]}x{array.shape[0]}, but the first "
+                             f"image is {self.side}x{self.side}; pass image_size= to resize and crop all images "
+                             f"to one size")
+        return index, array
+
+
+def _stack(batch: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray]:
+    return [index for index, _ in batch], np.stack([array for _, array in batch])
+
+
+# --------------------------------------------------------------------------------------------
+# The record: what the codes were made from
+# --------------------------------------------------------------------------------------------
+
+
+def _item_key(item: Any, folder: Path | None) -> str:
+    """A file's path inside the image folder; an in-memory image's content hash."""
+    if isinstance(item, (str, os.PathLike)):
+        return Path(item).relative_to(folder).as_posix() if folder is not None else str(item)
+    if isinstance(item, np.ndarray):
+        data, shape = np.ascontiguousarray(item).tobytes(), f"{item.dtype}{item.shape}"
+    else:  # a PIL image
+        data, shape = item.tobytes(), f"{item.mode}{item.size}"
+    return f"{shape}:{hashlib.sha256(data).hexdigest()}"
+
+
+def _items_digest(items: list[tuple[Any, int]], folder: Path | None) -> str:
+    digest = hashlib.sha256()
+    for item, label in items:
+        digest.update(f"{_item_key(item, folder)}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the tokenizer's parameters (in order: dtype, shape, bytes), so that codes of two tokenizers
+    never mix. Names are left out (a wrapped model is the same tokenizer), and so are buffers (a VQ's usage
+    statistics change as it trains, not what it encodes)."""
+    digest = hashlib.sha256()
+    for value in model.parameters():
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable record of a tokenization ({exc}); pass overwrite=True to start "
+                         f"again") from exc
+
+
+def _npy_files(folder: Path) -> list[Path]:
+    return list(folder.glob("*.npy")) + list(folder.glob(".*.tmp.npy")) if folder.is_dir() else []
+
+
+def _set_up_output(out_root: Path, name: str, record: dict[str, Any], classes: list[str] | None, *,
+                   overwrite: bool, resume: bool) -> None:
+    """Rank 0: start a new output (or wipe it with `overwrite`), or check that `resume` continues the same run."""
+    codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
+    record_path = out_root / f"{name}{RECORD_SUFFIX}"
+    existing = {folder: _npy_files(folder) for folder in (codes_dir, labels_dir)}
+    continuing = False
+    if overwrite:
+        for path in [*existing[codes_dir], *existing[labels_dir]]:
+            path.unlink()
+        record_path.unlink(missing_ok=True)
+    elif record_path.is_file():
+        _check_resumable(record_path, _read_record(record_path), record, codes_dir, existing[codes_dir], resume)
+        continuing = True
+    else:
+        for folder, files in existing.items():
+            if files:
+                raise ValueError(f"{folder}: already holds {len(files)} .npy files"
+                                 + (" and no record of how they were made, so they cannot be resumed"
+                                    if resume else "")
+                                 + "; pass overwrite=True to replace them or choose another out_root / name")
+    for folder in (codes_dir, labels_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    if continuing:
+        return
+    if classes is not None:
+        with atomic_path(out_root / f"{name}_classes.json") as tmp:
+            tmp.write_text(json.dumps({"classes": classes}, indent=1) + "\n")
+    with atomic_path(record_path) as tmp:  # last: it marks the output as set up
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _check_resumable(record_path: Path, saved: dict[str, Any], record: dict[str, Any], codes_dir: Path,
+                     code_files: list[Path], resume: bool) -> None:
+    """An existing output may only be continued with `resume` and by a run with the recorded settings."""
+    if not resume:
+        done = sum(1 for p in code_files if not p.name.startswith("."))
+        raise ValueError(f"{codes_dir}: already holds {done} .npy files (codes of {done} of "
+                         f"{saved.get('num_images')} images); pass resume=True to finish them "
+                         f"(`tensorar tokenize` resumes by default), overwrite=True to start again, or "
+                         f"choose another out_root / name")
+    differ = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {record.get(k)!r} now" for k in differ)
+        raise ValueError(f"{record_path}: the codes there were made from other images or settings ({detail}); "
+                         f"resume with the same images, tokenizer and settings, pass overwrite=True to start "
+                         f"again, or choose another out_root / name")
+
+
+def _check_output(out_root: Path, name: str, record: dict[str, Any]) -> None:
+    """Ranks other than 0: the record rank 0 wrote must be this process's own."""
+    record_path = out_root / f"{name}{RECORD_SUFFIX}"
+    if not record_path.is_file():
+        raise RuntimeError(f"{record_path} is missing: rank 0 writes it first (pass barrier= when several "
+                           f"processes tokenize into one folder)")
+    if _read_record(record_path) != record:
+        raise RuntimeError(f"{record_path}: rank 0 recorded other settings than this process has (different "
+                           f"images, tokenizer weights or arguments per process)")
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------
+
+
+def _model_place(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(module.parameters(), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
+def _save_item(codes_dir: Path, labels_dir: Path, index: int, codes: np.ndarray, label: int) -> None:
+    """Label first, codes last: a code file that exists marks a finished image."""
+    with atomic_path(labels_dir / f"{index}.npy") as tmp:
+        np.save(tmp, np.array([label], dtype=np.int64), allow_pickle=False)
+    with atomic_path(codes_dir / f"{index}.npy") as tmp:
+        np.save(tmp, codes[None], allow_pickle=False)
+
+
+@torch.no_grad()
+def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | os.PathLike[str],
+                    labels: Any = None, *, batch_size: int = 32, device: str | torch.device | None = None,
+                    progress: bool = True, flip: bool = True, image_size: int | None = None,
+                    name: str | None = None, overwrite: bool = False, resume: bool = False, num_workers: int = 0,
+                    rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None) -> Path:
+    """Encode images into LlamaGen's code layout under `out_root`; return the ``*_codes`` folder.
+
+    Args:
+        images_or_folder: a folder with one sub-folder per class (labels = sorted sub-folder index,
+            like torchvision's ``ImageFolder``; the class names are written to
+            ``<name>_classes.json``), or a uint8 array ``[N, H, W, 3]`` / a list of PIL images or
+            uint8 arrays together with ``labels``.
+        vq_model: a :class:`~tensorar_plugin.models.vq.VQModel` (anything with ``encode_to_codes``).
+        labels: class ids for in-memory images (not allowed with a folder).
+        batch_size: images encoded at once.
+        device: where to encode; the model is moved there. Default: where the model is.
+        progress: show a tqdm progress bar (rank 0 only).
+        flip: also store the horizontally flipped image as a second augmentation (LlamaGen does).
+        image_size: resize + center-crop every image to this square size first (LlamaGen's
+            preprocessing); default: use images as they are (they must then share one size).
+        name: folder prefix: ``<name>_codes`` / ``<name>_labels`` (default ``images<H>``, like
+            LlamaGen's ``imagenet256``).
+        overwrite: delete the files of an existing output and start again.
+        resume: finish an interrupted run: encode only the images without a code file. The output's
+            record must match this call (same images and labels, tokenizer weights and dtype, image_size,
+            flip); anything else is a ``ValueError``. Without `resume` or `overwrite` an existing output
+            is refused.
+        num_workers: DataLoader worker processes that read and crop images while the model encodes
+            (0: in this process).
+        rank, world_size: this process's share: batches ``rank, rank + world_size, ...`` (torchrun).
+        barrier: called after rank 0 has set up the output, before the others check it
+            (``torch.distributed.barrier`` when several processes write one output).
+
+    Files are ``<i>.npy`` of shape ``(1, n_aug, h*w)`` (int64) and labels of shape ``(1,)``, exactly
+    what LlamaGen's ``extract_codes_c2i.py`` writes, so :class:`~tensorar_plugin.data.CodesDataset` and
+    LlamaGen's own training script can both read them.
+    """
+    from tqdm import tqdm
+
+    from .models.vq import images_to_tensor
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if overwrite and resume:
+        raise ValueError("overwrite=True and resume=True contradict each other: pass one of them")
+    classes: list[str] | None = None
+    folder: Path | None = None
+    if isinstance(images_or_folder, (str, os.PathLike)):
+        folder = Path(images_or_folder)
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: image folder not found")
+        if labels is not None:
+            raise ValueError("labels must not be given with an image folder: they come from its sub-folders")
+        items, classes = _scan_folder(folder)
+    else:
+        items = _as_items(images_or_folder, labels)
+
+    first = _prepare(items[0][0], image_size, _where(items[0][0], 0))
+    height, width = first.shape[:2]
+    if height != width:  # the codes would not form the square token grid CodesDataset and LlamaGen expect
+        raise ValueError(f"{_where(items[0][0], 0)}: images are {width}x{height}, not square; pass image_size= to "
+                         f"resize and center-crop them to a square")
+    if device is not None:
+        vq_model.to(device)
+    model_device, model_dtype = _model_place(vq_model)
+    record = {"num_images": len(items), "images_sha256": _items_digest(items, folder), "image_size": image_size,
+              "pixels": height, "flip": flip, "vq_sha256": _weights_digest(vq_model)}
+    out_root = Path(out_root)
+    name = name or f"images{height}"
+    codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
+    if rank == 0:
+        _set_up_output(out_root, name, record, classes, overwrite=overwrite, resume=resume)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        _check_output(out_root, name, record)
+
+    num_batches = -(-len(items) // batch_size)
+    mine = [i for b in range(rank, num_batches, world_size) for i in range(b * batch_size,
+                                                                           min((b + 1) * batch_size, len(items)))]
+    todo = [i for i in mine if not (codes_dir / f"{i}.npy").is_file()]
+    loader = DataLoader(_PreparedImages(items, todo, image_size, height), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_stack)
+    was_training = vq_model.training
+    vq_model.eval()
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="tokenizing", unit="img",
+               disable=not progress or rank != 0)
+    try:
+        for indices, arrays in loader:
+            x = images_to_tensor(arrays).to(model_device, model_dtype)
+            views = torch.cat([x, x.flip(-1)]) if flip else x
+            n_aug = 2 if flip else 1
+            codes = vq_model.encode_to_codes(views).reshape(n_aug, len(indices), -1).transpose(0, 1)
+            codes = codes.to(torch.int64).cpu().numpy()
+            for row, index in enumerate(indices):
+                _save_item(codes_dir, labels_dir, index, codes[row], items[index][1])
+            bar.update(len(indices))
+    finally:
+        bar.close()
+        vq_model.train(was_training)
+    return codes_dir

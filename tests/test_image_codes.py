@@ -1,0 +1,333 @@
+"""`tokenize_images` and `tensorar tokenize`: images into LlamaGen's code layout, resumable and split over processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import save_file
+
+from tensorar_plugin.cli import main as cli_main
+from tensorar_plugin.data import CodesDataset
+from tensorar_plugin.image_codes import RECORD_SUFFIX, center_crop, tokenize_images
+from tensorar_plugin.models.vq import VQConfig, VQModel, build_vq, images_to_tensor
+
+
+def tiny_vq(seed: int = 0) -> VQModel:
+    """A 4x-downsampling tokenizer with 64 codes (16 px images -> 4x4 grids)."""
+    torch.manual_seed(seed)
+    return VQModel(VQConfig(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2, 2],
+                            decoder_ch_mult=[1, 2, 2], z_channels=32, base_channels=32)).eval()
+
+
+class CountingVQ(torch.nn.Module):
+    """Wraps a tokenizer and records how many views each `encode_to_codes` call got; can fail on a given call."""
+
+    def __init__(self, vq: VQModel, fail_on_call: int | None = None):
+        super().__init__()
+        self.vq, self.calls, self.fail_on_call = vq, [], fail_on_call
+
+    def encode_to_codes(self, images: torch.Tensor) -> torch.Tensor:
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise RuntimeError("simulated crash")
+        self.calls.append(images.shape[0])
+        return self.vq.encode_to_codes(images)
+
+
+def random_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def read_layout(codes_dir: Path) -> dict[str, bytes]:
+    """Every code and label file of an output, by relative path: byte-identical outputs compare equal."""
+    root = codes_dir.parent
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("*/*.npy"))}
+
+
+def image_folder(root: Path, counts: dict[str, int], size: int = 20, seed: int = 1) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+# -- tokenize_images ----------------------------------------------------------------------------
+
+
+def test_tokenize_arrays_writes_the_layout_codes_dataset_reads(tmp_path):
+    vq = tiny_vq()
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    codes_dir = tokenize_images(images, vq, tmp_path, labels=[0, 1, 2, 1, 0], batch_size=2, progress=False)
+    assert codes_dir == tmp_path / "images16_codes"
+    raw = np.load(codes_dir / "3.npy")
+    assert raw.shape == (1, 2, 16) and raw.dtype == np.int64
+    assert np.load(tmp_path / "images16_labels" / "3.npy").tolist() == [1]
+    x = images_to_tensor(images)
+    with torch.no_grad():
+        plain, flipped = vq.encode_to_codes(x), vq.encode_to_codes(x.flip(-1))
+    assert np.array_equal(raw[0, 0], plain[3].numpy()) and np.array_equal(raw[0, 1], flipped[3].numpy())
+    ds = CodesDataset(tmp_path, num_tokens=16, codebook_size=64, validate=True)
+    assert len(ds) == 5 and int(ds[2][1]) == 2 and ds.num_augmentations == 2
+
+    with pytest.raises(ValueError, match="already holds 5 .npy files"):
+        tokenize_images(images[:2], vq, tmp_path, labels=[0, 0], progress=False)
+    tokenize_images(images[:2], vq, tmp_path, labels=[0, 0], progress=False, overwrite=True, flip=False)
+    ds = CodesDataset(tmp_path)
+    assert len(ds) == 2 and ds.num_augmentations == 1
+
+
+def test_tokenize_image_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    for name, count in (("cat", 2), ("ant", 1), ("dog", 2)):
+        (folder / name / "sub").mkdir(parents=True)
+        for i in range(count):
+            shape = (28, 28, 3) if name == "dog" else (24, 20, 3)  # not square / not one size: center-cropped
+            array = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(array).save(folder / name / ("sub" if i else ".") / f"{i}.png")
+    (folder / "cat" / "notes.txt").write_text("ignored")
+    codes_dir = tokenize_images(folder, tiny_vq(), tmp_path / "out", image_size=16, progress=False, name="pets")
+    ds = CodesDataset(codes_dir)
+    assert [int(ds[i][1]) for i in range(len(ds))] == [0, 1, 1, 2, 2]  # ant, cat, cat, dog, dog
+    assert json.loads((tmp_path / "out" / "pets_classes.json").read_text())["classes"] == ["ant", "cat", "dog"]
+    with pytest.raises(ValueError, match="labels must not be given"):
+        tokenize_images(folder, tiny_vq(), tmp_path / "x", labels=[0], progress=False)
+    with pytest.raises(ValueError, match=r"ant/0\.png: images are 20x24, not square; pass image_size="):
+        tokenize_images(folder, tiny_vq(), tmp_path / "y", progress=False)  # without image_size: square images only
+
+
+def test_tokenize_errors(tmp_path):
+    vq = tiny_vq()
+    with pytest.raises(ValueError, match="labels are required"):
+        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path)
+    with pytest.raises(ValueError, match="got 2 images but 3 labels"):
+        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path, labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="image 1: image is 8x8"):
+        tokenize_images([np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)], vq, tmp_path,
+                        labels=[0, 0], progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        tokenize_images(tmp_path / "empty", vq, tmp_path / "out")
+    with pytest.raises(ValueError, match="labels must be integer class ids, got dtype float64"):
+        tokenize_images(np.zeros((2, 16, 16, 3), np.uint8), vq, tmp_path, labels=[0.9, 2.7])  # not cut to 0, 2
+    with pytest.raises(ValueError, match="images are 24x16, not square; pass image_size="):
+        tokenize_images(np.zeros((2, 16, 24, 3), np.uint8), vq, tmp_path / "wide", labels=[0, 1], progress=False)
+
+
+def test_center_crop():
+    from PIL import Image
+
+    out = center_crop(Image.new("RGB", (100, 60)), 16)
+    assert out.size == (16, 16)
+    # a 120x60 image, red | green | blue in vertical thirds: the 16x16 crop of its 32x16 resize is the middle
+    stripes = np.zeros((60, 120, 3), np.uint8)
+    for third in range(3):
+        stripes[:, 40 * third: 40 * (third + 1), third] = 255
+    crop = np.asarray(center_crop(Image.fromarray(stripes), 16)).astype(int)
+    assert crop.shape == (16, 16, 3)
+    assert (crop[:, 3:13, 1] > 200).all() and (crop[:, 3:13, [0, 2]] < 60).all()  # green inside, away from the edges
+    tall = np.asarray(center_crop(Image.fromarray(stripes.transpose(1, 0, 2).copy()), 16)).astype(int)
+    assert (tall[3:13, :, 1] > 200).all()  # the same along the other axis
+
+
+# -- resuming ---------------------------------------------------------------------------------
+
+
+def test_resume_encodes_only_the_missing_images_and_gives_the_same_files(tmp_path):
+    vq, images, labels = tiny_vq(), random_images(7), [0, 1, 2, 3, 0, 1, 2]
+    codes_dir = tokenize_images(images, vq, tmp_path, labels=labels, batch_size=2, progress=False)
+    complete = read_layout(codes_dir)
+    (codes_dir / "3.npy").unlink()          # an image whose label was written but not its codes
+    (codes_dir / "6.npy").unlink()
+    (tmp_path / "images16_labels" / "6.npy").unlink()
+    counting = CountingVQ(vq)
+    assert tokenize_images(images, counting, tmp_path, labels=labels, batch_size=2, progress=False,
+                           resume=True) == codes_dir
+    assert counting.calls == [4]            # images 3 and 6 in one batch, each with its mirror
+    assert read_layout(codes_dir) == complete
+    tokenize_images(images, counting, tmp_path, labels=labels, batch_size=2, progress=False, resume=True)
+    assert counting.calls == [4]            # complete: nothing encoded
+
+
+def test_an_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path):
+    vq, images, labels = tiny_vq(), random_images(6), [0, 1, 2, 0, 1, 2]
+    expected = read_layout(tokenize_images(images, vq, tmp_path / "clean", labels=labels, batch_size=2,
+                                           progress=False))
+    crashing = CountingVQ(vq, fail_on_call=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tokenize_images(images, crashing, tmp_path / "run", labels=labels, batch_size=2, progress=False)
+    codes_dir = tmp_path / "run" / "images16_codes"
+    assert sorted(p.name for p in codes_dir.iterdir()) == ["0.npy", "1.npy", "2.npy", "3.npy"]  # no partial files
+    counting = CountingVQ(vq)
+    tokenize_images(images, counting, tmp_path / "run", labels=labels, batch_size=2, progress=False, resume=True)
+    assert counting.calls == [4]
+    assert read_layout(codes_dir) == expected
+    record = json.loads((tmp_path / "run" / f"images16{RECORD_SUFFIX}").read_text())
+    assert record["num_images"] == 6 and record["flip"] is True and record["pixels"] == 16
+
+
+def test_resume_refuses_other_images_tokenizer_or_settings(tmp_path):
+    vq, images, labels = tiny_vq(), random_images(4), [0, 1, 2, 3]
+    tokenize_images(images, vq, tmp_path, labels=labels, progress=False)
+    kwargs = dict(progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"other images or settings \(flip: True there, False now\)"):
+        tokenize_images(images, vq, tmp_path, labels=labels, flip=False, **kwargs)
+    with pytest.raises(ValueError, match=r"other images or settings \(vq_sha256: "):
+        tokenize_images(images, tiny_vq(seed=1), tmp_path, labels=labels, **kwargs)
+    with pytest.raises(ValueError, match=r"other images or settings \(vq_sha256: "):
+        tokenize_images(images, tiny_vq().double(), tmp_path, labels=labels, **kwargs)  # same weights, other dtype
+    with pytest.raises(ValueError, match=r"other images or settings \(images_sha256: "):
+        tokenize_images(images, vq, tmp_path, labels=[0, 1, 2, 2], **kwargs)
+    changed = images.copy()
+    changed[2, 0, 0, 0] ^= 1
+    with pytest.raises(ValueError, match=r"other images or settings \(images_sha256: "):
+        tokenize_images(changed, vq, tmp_path, labels=labels, **kwargs)
+    with pytest.raises(ValueError, match=r"images_sha256: .*num_images: 4 there, 3 now"):
+        tokenize_images(images[:3], vq, tmp_path, labels=labels[:3], **kwargs)
+    with pytest.raises(ValueError, match=r"already holds 4 \.npy files \(codes of 4 of 4 images\); pass resume=True"):
+        tokenize_images(images, vq, tmp_path, labels=labels, progress=False)
+    with pytest.raises(ValueError, match="overwrite=True and resume=True contradict"):
+        tokenize_images(images, vq, tmp_path, labels=labels, overwrite=True, **kwargs)
+
+
+def test_resume_of_codes_without_a_record_is_refused(tmp_path):
+    (tmp_path / "images16_codes").mkdir()
+    np.save(tmp_path / "images16_codes" / "0.npy", np.zeros((1, 2, 16), np.int64))  # e.g. made by LlamaGen
+    with pytest.raises(ValueError, match=r"images16_codes: already holds 1 \.npy files and no record of how they "
+                                         r"were made, so they cannot be resumed; pass overwrite=True"):
+        tokenize_images(random_images(2), tiny_vq(), tmp_path, labels=[0, 1], progress=False, resume=True)
+
+
+def test_image_folder_moved_elsewhere_resumes(tmp_path):
+    """The record names files by their path inside the image folder, so a moved folder is the same images."""
+    folder = image_folder(tmp_path / "a", {"ant": 2, "bee": 3})
+    vq = tiny_vq()
+    codes_dir = tokenize_images(folder, vq, tmp_path / "out", image_size=16, batch_size=2, progress=False)
+    complete = read_layout(codes_dir)
+    (codes_dir / "4.npy").unlink()
+    moved = folder.rename(tmp_path / "b")
+    counting = CountingVQ(vq)
+    tokenize_images(moved, counting, tmp_path / "out", image_size=16, batch_size=2, progress=False, resume=True)
+    assert counting.calls == [2] and read_layout(codes_dir) == complete
+    (moved / "bee" / "2.png").rename(moved / "ant" / "9.png")  # a file moved to another class: other labels
+    with pytest.raises(ValueError, match="images_sha256"):
+        tokenize_images(moved, vq, tmp_path / "out", image_size=16, progress=False, resume=True)
+
+
+# -- several processes, DataLoader workers ---------------------------------------------------------
+
+
+def test_split_over_processes_equals_one_process(tmp_path):
+    vq, images, labels = tiny_vq(), random_images(7), [0, 1, 2, 3, 4, 5, 6]
+    one = read_layout(tokenize_images(images, vq, tmp_path / "one", labels=labels, batch_size=2, progress=False))
+    with pytest.raises(RuntimeError, match="rank 0 writes it first"):
+        tokenize_images(images, vq, tmp_path / "two", labels=labels, batch_size=2, progress=False, rank=1,
+                        world_size=2)
+    counts = []
+    for rank in (0, 1):  # what two torchrun processes do, one after the other
+        counting = CountingVQ(vq)
+        tokenize_images(images, counting, tmp_path / "two", labels=labels, batch_size=2, progress=False,
+                        rank=rank, world_size=2)
+        counts.append(counting.calls)
+    assert counts == [[4, 4], [4, 2]]  # batches 0 and 2, then 1 and 3 (the last holds one image)
+    assert read_layout(tmp_path / "two" / "images16_codes") == one
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\), got rank=2, world_size=2"):
+        tokenize_images(images, vq, tmp_path / "x", labels=labels, rank=2, world_size=2)
+
+
+def test_worker_processes_give_the_same_files(tmp_path):
+    folder = image_folder(tmp_path / "images", {"ant": 3, "bee": 2})
+    vq = tiny_vq()
+    inline = tokenize_images(folder, vq, tmp_path / "inline", image_size=16, batch_size=2, progress=False)
+    workers = tokenize_images(folder, vq, tmp_path / "workers", image_size=16, batch_size=2, progress=False,
+                              num_workers=2)
+    assert read_layout(workers) == read_layout(inline)
+    (folder / "bee" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"bee/1\.png: cannot read image"):
+        tokenize_images(folder, vq, tmp_path / "bad", image_size=16, batch_size=2, progress=False, num_workers=1)
+    with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
+        tokenize_images(folder, vq, tmp_path / "bad2", image_size=16, num_workers=-1)
+
+
+# -- tensorar tokenize ------------------------------------------------------------------------------------
+
+
+def vq_file(path: Path) -> Path:
+    """A tiny 8x-downsampling tokenizer saved as a checkpoint file `load_vq` reads (16 px -> 2x2 codes)."""
+    torch.manual_seed(0)
+    save_file(build_vq("VQ-8", base_channels=32, num_res_blocks=1, z_channels=8, codebook_size=32,
+                       codebook_embed_dim=4).state_dict(), str(path))
+    return path
+
+
+def tokenize_argv(folder: Path, out: Path, vq: Path, *extra: str) -> list[str]:
+    return ["tokenize", str(folder), "--out", str(out), "--vq", str(vq), "--image-size", "16", "--batch-size", "2",
+            "--workers", "0", "--device", "cpu", "--threads", "1", "--no-progress", *extra]
+
+
+def test_tokenize_command_writes_resumes_and_overwrites(tmp_path, capsys):
+    folder = image_folder(tmp_path / "images", {"ant": 2, "bee": 3})
+    vq = vq_file(tmp_path / "vq.safetensors")
+    assert cli_main(tokenize_argv(folder, tmp_path / "codes", vq)) == 0
+    assert "wrote the codes of 5 images to" in capsys.readouterr().out
+    codes_dir = tmp_path / "codes" / "images16_codes"
+    dataset = CodesDataset(tmp_path / "codes", num_tokens=4, codebook_size=32, validate=True)
+    assert len(dataset) == 5 and [int(dataset[i][1]) for i in range(5)] == [0, 0, 1, 1, 1]
+    complete = read_layout(codes_dir)
+    (codes_dir / "1.npy").unlink()
+    assert cli_main(tokenize_argv(folder, tmp_path / "codes", vq)) == 0  # the same command again resumes
+    assert read_layout(codes_dir) == complete
+    assert cli_main(tokenize_argv(folder, tmp_path / "codes", vq, "--no-flip", "--overwrite", "--name", "x")) == 0
+    assert CodesDataset(tmp_path / "codes" / "x_codes").num_augmentations == 1
+
+
+def test_tokenize_command_errors(tmp_path, cli_error):
+    folder = image_folder(tmp_path / "images", {"ant": 2})
+    vq = vq_file(tmp_path / "vq.safetensors")
+    assert cli_error(tokenize_argv(tmp_path / "nowhere", tmp_path / "out", vq)).startswith(
+        f"IMAGES {tmp_path / 'nowhere'}: not a folder")
+    assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--batch-size", "0")) == \
+        "--batch-size must be >= 1, got 0"
+    assert cli_main(tokenize_argv(folder, tmp_path / "out", vq)) == 0
+    message = cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--no-flip"))
+    assert "other images or settings (flip: True there, False now)" in message
+
+
+def _tokenize_worker(rank: int, port: int, folder: str, out: str, vq: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    cli_main(tokenize_argv(Path(folder), Path(out), Path(vq)))
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+def test_tokenize_command_under_two_processes_equals_one(tmp_path):
+    folder = image_folder(tmp_path / "images", {"ant": 3, "bee": 4})
+    vq = vq_file(tmp_path / "vq.safetensors")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.spawn(_tokenize_worker, args=(port, str(folder), str(tmp_path / "two"), str(vq)), nprocs=2,
+                       join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-process tokenizing did not finish within 120 s")
+    assert cli_main(tokenize_argv(folder, tmp_path / "one", vq)) == 0
+    two = read_layout(tmp_path / "two" / "images16_codes")
+    assert len(two) == 14 and two == read_layout(tmp_path / "one" / "images16_codes")
