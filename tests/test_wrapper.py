@@ -291,6 +291,22 @@ def test_config_argument_is_not_changed_and_clashing_settings_are_refused():
         TensorARWrapper(tiny_llamagen(), window=8, max_noise=0.1, config=config)
 
 
+def test_adaptive_noise_never_touches_the_first_slot():
+    """At the start the adaptive beta is 1 for every slot; the final token (slot 0) must still be fed clean."""
+    from tensorar_plugin.windows import input_windows
+
+    wrapper = TensorARWrapper(tiny_llamagen(), window=3, noise_schedule="adaptive").train()
+    assert torch.equal(wrapper.adaptive_beta(), torch.ones(3))
+    seen, embed = [], wrapper.embed_windows
+    wrapper.embed_windows = lambda windows: (seen.append(windows), embed(windows))[1]
+    tokens, cond = batch(b=8)
+    wrapper(tokens, cond, generator=torch.Generator().manual_seed(0))
+    clean = input_windows(tokens, 3)
+    assert torch.equal(seen[0][..., 0], clean[..., 0])
+    valid = clean[..., 1:] >= 0
+    assert (seen[0][..., 1:] != clean[..., 1:])[valid].float().mean() > 0.9  # drafts: (almost) all replaced
+
+
 def test_adaptive_beta_drives_the_replacement_rate():
     from tensorar_plugin.noise import discrete_tensor_noise
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["SCHEDULES", "ADAPTIVE", "EXPONENTIAL_RATE", "PAD_ID", "noise_schedule", "discrete_tensor_noise"]
+__all__ = ["SCHEDULES", "ADAPTIVE", "EXPONENTIAL_RATE", "PAD_ID", "noise_schedule", "discrete_tensor_noise",
+           "clean_first_slot", "replace_slots"]
 
 #: Name of the schedule that follows the model's own draft accuracy (handled by `TensorARWrapper`).
 ADAPTIVE = "adaptive"
@@ -102,9 +103,15 @@ def discrete_tensor_noise(windows: torch.Tensor, codebook_size: int, schedule: S
         beta = torch.as_tensor(beta, dtype=torch.float32)
         if beta.shape != windows.shape[-1:] or not bool(((beta >= 0) & (beta <= 1)).all()):  # NaN fails too
             raise ValueError(f"beta must hold {windows.shape[-1]} probabilities in [0, 1], got {beta}")
-        beta = torch.cat([beta.new_zeros(1), beta[1:]]).to(windows.device, torch.float32)
+        beta = clean_first_slot(beta).to(windows.device, torch.float32)
     noised, replace = replace_slots(windows, beta, codebook_size, generator)
     return (noised, replace) if return_mask else noised
+
+
+def clean_first_slot(beta: torch.Tensor) -> torch.Tensor:
+    """`beta` `[k]` with slot 0 set to 0, out of place (autograd- and graph-friendly): the first token of a
+    window is final and never noised."""
+    return torch.cat([torch.zeros_like(beta[:1]), beta[1:]])
 
 
 def replace_slots(windows: torch.Tensor, beta: torch.Tensor, codebook_size: int,

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .adapters import BackboneAdapter, find_adapter
 from .generation import GenerationOutput, check_cond_mask, evaluating, generate_windows
 from .heads import TensorDecoder, TensorEncoder
-from .noise import ADAPTIVE, SCHEDULES, replace_slots
+from .noise import ADAPTIVE, SCHEDULES, clean_first_slot, replace_slots
 from .noise import noise_schedule as schedule_betas  # the argument `noise_schedule` names the schedule
 from .sampling import sample_tokens
 from .windows import IGNORE_INDEX, input_windows, target_windows
@@ -384,7 +384,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             raise ValueError("this wrapper's config names a custom noise schedule, which cannot be saved: pass the "
                              "callable, as TensorARWrapper(model, noise_schedule=fn, ...) without config=, or as "
                              "from_pretrained(..., noise_schedule=fn)")
-        return torch.cat([torch.zeros_like(adaptive[:1]), adaptive[1:]])
+        return clean_first_slot(adaptive)
 
     def adaptive_beta(self) -> torch.Tensor | None:
         """Current per-slot noise of the "adaptive" schedule (`1 - draft accuracy`, scaled), else None."""
