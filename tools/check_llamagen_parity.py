@@ -8,13 +8,19 @@ It builds both models on tiny configs (c2i and t2i, MHA and GQA where the refere
 loads one state dict into both with `strict=True`, and compares logits on the three forward
 paths (full sequence, prefill, decode) and the tokens of greedy `generate()` vs our sampler
 (also for a full 256-token image, where our sampler reads the KV cache in buckets).
+
+It also compares the VQ tokenizers (`VQ-16`, one state dict in both): the codes LlamaGen's
+`extract_codes_c2i.py` pipeline (ADM center crop, `ToTensor` + `Normalize`, the mirror image, batch size 1)
+gives for a few odd-sized images against the files `tokenize_images` writes, and decoded images.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
+import numpy as np
 import torch
 
 
@@ -112,7 +118,52 @@ def main() -> int:
     failures += not same
     print(f"c2i, 256 tokens (bucketed KV reads): greedy generate() tokens equal: {same} -> "
           f"{'OK' if same else 'MISMATCH'}")
+    failures += not check_tokenizer()
     return int(failures > 0)
+
+
+def check_tokenizer() -> bool:
+    """LlamaGen's VQ and code extraction against our `VQModel` and `tokenize_images` (needs torchvision)."""
+    from dataset.augmentation import center_crop_arr  # noqa: E402  (LlamaGen's checkout)
+    from PIL import Image
+    from tokenizer.tokenizer_image.vq_model import VQ_models  # noqa: E402
+    from torchvision import transforms
+
+    from tensorar_plugin.data import CodesDataset, tokenize_images
+    from tensorar_plugin.models.vq import build_vq
+
+    torch.manual_seed(0)
+    ref = VQ_models["VQ-16"](codebook_size=512, codebook_embed_dim=8).eval()
+    ours = build_vq("VQ-16", codebook_size=512, codebook_embed_dim=8).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+
+    size = 64
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              ((100, 80), (300, 260), (64, 64), (70, 200))]
+    transform = transforms.Compose([transforms.Lambda(lambda image: center_crop_arr(image, size)),
+                                    transforms.ToTensor(),
+                                    transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)])
+    expected = []
+    with torch.no_grad():
+        for image in images:  # extract_codes_c2i.py: batch size 1, the image and its mirror
+            x = transform(image)[None]
+            _, _, (_, _, indices) = ref.encode(torch.cat([x, torch.flip(x, dims=[-1])]))
+            expected.append(indices.reshape(1, 2, -1).cpu().numpy())
+    with tempfile.TemporaryDirectory() as out:
+        codes_dir = tokenize_images(images, ours, out, labels=list(range(len(images))), image_size=size,
+                                    batch_size=len(images), progress=False)
+        dataset = CodesDataset(codes_dir)
+        written = [np.load(dataset.code_path(i)) for i in range(len(images))]
+    codes_equal = all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(written, expected, strict=True))
+    with torch.no_grad():
+        codes = torch.from_numpy(expected[0][0])
+        shape = (2, 8, size // 16, size // 16)
+        decode_diff = (ref.decode_code(codes.reshape(-1), shape) - ours.decode_code(codes, shape)).abs().max().item()
+    ok = codes_equal and decode_diff < 1e-4
+    print(f"VQ-16 tokenizer: extract_codes_c2i.py codes == tokenize_images files (4 odd-sized images, with mirrors): "
+          f"{codes_equal}, decode max|diff| {decode_diff:.2e} -> {'OK' if ok else 'MISMATCH'}")
+    return ok
 
 
 if __name__ == "__main__":
