@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from tensorar_plugin.cli import main as cli_main
 from tensorar_plugin.data import CodesDataset
-from tensorar_plugin.image_codes import RECORD_SUFFIX, center_crop, tokenize_images
+from tensorar_plugin.image_codes import RECORD_SUFFIX, center_crop, ten_crop_views, tokenize_images
 from tensorar_plugin.models.vq import VQConfig, VQModel, build_vq, images_to_tensor
 
 
@@ -142,6 +142,53 @@ def test_center_crop():
     assert (crop[:, 3:13, 1] > 200).all() and (crop[:, 3:13, [0, 2]] < 60).all()  # green inside, away from the edges
     tall = np.asarray(center_crop(Image.fromarray(stripes.transpose(1, 0, 2).copy()), 16)).astype(int)
     assert (tall[3:13, :, 1] > 200).all()  # the same along the other axis
+
+
+# -- ten crops (LlamaGen's --ten-crop) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(25, 27, 3), (20, 31, 3), (24, 24, 3)])  # centre offsets 2.5 / 3.5: round half
+def test_ten_crop_views_are_torchvisions_ten_crop(shape):
+    transforms = pytest.importorskip("torchvision.transforms")
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    expected = np.stack([np.asarray(crop) for crop in transforms.TenCrop(20)(Image.fromarray(image))])
+    assert np.array_equal(ten_crop_views(image, 20), expected)
+    with pytest.raises(ValueError, match=r"ten_crop size 30 is larger than the image"):
+        ten_crop_views(image, 30)
+
+
+def test_ten_crop_tokenizing_matches_llamagens_pipeline(tmp_path):
+    """extract_codes_c2i.py --ten-crop: center_crop_arr to int(size * crop_range), TenCrop(size), ten codes rows."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    from PIL import Image
+
+    vq = tiny_vq()
+    images = [np.random.default_rng(i).integers(0, 256, (30 + 7 * i, 26, 3), dtype=np.uint8) for i in range(3)]
+    codes_dir = tokenize_images(images, vq, tmp_path, labels=[0, 1, 2], image_size=16, ten_crop=True,
+                                crop_range=1.25, batch_size=2, progress=False)
+    for i, image in enumerate(images):
+        crops = transforms.TenCrop(16)(center_crop(Image.fromarray(image), 20))  # int(16 * 1.25) = 20
+        with torch.no_grad():
+            expected = vq.encode_to_codes(images_to_tensor(list(crops))).numpy()
+        written = np.load(codes_dir / f"{i}.npy")
+        assert written.shape == (1, 10, 16) and written.dtype == np.int64
+        assert np.array_equal(written[0], expected)
+    assert CodesDataset(tmp_path).num_augmentations == 10
+    with pytest.raises(ValueError, match=r"ten_crop: 1.25 there, 1.1 now"):
+        tokenize_images(images, vq, tmp_path, labels=[0, 1, 2], image_size=16, ten_crop=True, resume=True,
+                        progress=False)
+
+
+def test_ten_crop_errors(tmp_path):
+    images, vq = random_images(2), tiny_vq()
+    with pytest.raises(ValueError, match="ten_crop=True needs image_size"):
+        tokenize_images(images, vq, tmp_path, labels=[0, 1], ten_crop=True)
+    with pytest.raises(ValueError, match="flip=False cannot apply"):
+        tokenize_images(images, vq, tmp_path, labels=[0, 1], image_size=16, ten_crop=True, flip=False)
+    with pytest.raises(ValueError, match=r"crop_range must be a number in \[1, 4\), got 0.9"):
+        tokenize_images(images, vq, tmp_path, labels=[0, 1], image_size=16, ten_crop=True, crop_range=0.9)
 
 
 # -- resuming ---------------------------------------------------------------------------------
@@ -293,6 +340,11 @@ def test_tokenize_command_writes_resumes_and_overwrites(tmp_path, capsys):
     assert read_layout(codes_dir) == complete
     assert cli_main(tokenize_argv(folder, tmp_path / "codes", vq, "--no-flip", "--overwrite", "--name", "x")) == 0
     assert CodesDataset(tmp_path / "codes" / "x_codes").num_augmentations == 1
+    assert cli_main(tokenize_argv(folder, tmp_path / "codes", vq, "--ten-crop", "--crop-range", "1.25", "--name",
+                                  "ten")) == 0
+    assert CodesDataset(tmp_path / "codes" / "ten_codes").num_augmentations == 10
+    record = json.loads((tmp_path / "codes" / f"ten{RECORD_SUFFIX}").read_text())
+    assert record["ten_crop"] == 1.25 and record["image_size"] == 16
 
 
 def test_tokenize_command_errors(tmp_path, cli_error):
@@ -302,6 +354,10 @@ def test_tokenize_command_errors(tmp_path, cli_error):
         f"IMAGES {tmp_path / 'nowhere'}: not a folder")
     assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--batch-size", "0")) == \
         "--batch-size must be >= 1, got 0"
+    assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--ten-crop", "--no-flip")).startswith(
+        "--ten-crop stores mirrored crops by itself")
+    assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--ten-crop", "--crop-range", "0.5")) == \
+        "--crop-range must be in [1, 4), got 0.5"
     assert cli_main(tokenize_argv(folder, tmp_path / "out", vq)) == 0
     message = cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--no-flip"))
     assert "other images or settings (flip: True there, False now)" in message

@@ -10,8 +10,9 @@ paths (full sequence, prefill, decode) and the tokens of greedy `generate()` vs 
 (also for a full 256-token image, where our sampler reads the KV cache in buckets).
 
 It also compares the VQ tokenizers (`VQ-16`, one state dict in both): the codes LlamaGen's
-`extract_codes_c2i.py` pipeline (ADM center crop, `ToTensor` + `Normalize`, the mirror image, batch size 1)
-gives for a few odd-sized images against the files `tokenize_images` writes, and decoded images.
+`extract_codes_c2i.py` pipeline (ADM center crop, `ToTensor` + `Normalize`, batch size 1; the mirror image,
+or `--ten-crop --crop-range 1.1`) gives for a few odd-sized images against the files `tokenize_images`
+writes, and decoded images.
 """
 
 from __future__ import annotations
@@ -141,28 +142,41 @@ def check_tokenizer() -> bool:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
               ((100, 80), (300, 260), (64, 64), (70, 200))]
-    transform = transforms.Compose([transforms.Lambda(lambda image: center_crop_arr(image, size)),
-                                    transforms.ToTensor(),
-                                    transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)])
-    expected = []
+    normalize = [transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True)]
+    flipped = transforms.Compose([transforms.Lambda(lambda image: center_crop_arr(image, size)),
+                                  transforms.ToTensor(), *normalize])
+    ten_crop = transforms.Compose([transforms.Lambda(lambda image: center_crop_arr(image, int(size * 1.1))),
+                                   transforms.TenCrop(size),
+                                   transforms.Lambda(lambda crops: torch.stack([transforms.ToTensor()(c)
+                                                                                for c in crops])), *normalize])
+    codes_equal = {}
+    for mode in ("flip", "ten_crop"):
+        expected = []
+        with torch.no_grad():
+            for image in images:  # extract_codes_c2i.py: batch size 1; the image and its mirror, or ten crops
+                if mode == "flip":
+                    x = flipped(image)[None]
+                    x_all, num_aug = torch.cat([x, torch.flip(x, dims=[-1])]), 2
+                else:
+                    x_all, num_aug = ten_crop(image), 10
+                _, _, (_, _, indices) = ref.encode(x_all)
+                expected.append(indices.reshape(1, num_aug, -1).cpu().numpy())
+        with tempfile.TemporaryDirectory() as out:
+            codes_dir = tokenize_images(images, ours, out, labels=list(range(len(images))), image_size=size,
+                                        ten_crop=mode == "ten_crop", crop_range=1.1, batch_size=len(images),
+                                        progress=False)
+            dataset = CodesDataset(codes_dir)
+            written = [np.load(dataset.code_path(i)) for i in range(len(images))]
+        codes_equal[mode] = all(a.dtype == b.dtype and np.array_equal(a, b)
+                                for a, b in zip(written, expected, strict=True))
     with torch.no_grad():
-        for image in images:  # extract_codes_c2i.py: batch size 1, the image and its mirror
-            x = transform(image)[None]
-            _, _, (_, _, indices) = ref.encode(torch.cat([x, torch.flip(x, dims=[-1])]))
-            expected.append(indices.reshape(1, 2, -1).cpu().numpy())
-    with tempfile.TemporaryDirectory() as out:
-        codes_dir = tokenize_images(images, ours, out, labels=list(range(len(images))), image_size=size,
-                                    batch_size=len(images), progress=False)
-        dataset = CodesDataset(codes_dir)
-        written = [np.load(dataset.code_path(i)) for i in range(len(images))]
-    codes_equal = all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(written, expected, strict=True))
-    with torch.no_grad():
-        codes = torch.from_numpy(expected[0][0])
+        codes = torch.from_numpy(expected[0][0][:2])  # two views of the first image
         shape = (2, 8, size // 16, size // 16)
         decode_diff = (ref.decode_code(codes.reshape(-1), shape) - ours.decode_code(codes, shape)).abs().max().item()
-    ok = codes_equal and decode_diff < 1e-4
-    print(f"VQ-16 tokenizer: extract_codes_c2i.py codes == tokenize_images files (4 odd-sized images, with mirrors): "
-          f"{codes_equal}, decode max|diff| {decode_diff:.2e} -> {'OK' if ok else 'MISMATCH'}")
+    ok = all(codes_equal.values()) and decode_diff < 1e-4
+    print(f"VQ-16 tokenizer: extract_codes_c2i.py codes == tokenize_images files (4 odd-sized images): with mirrors "
+          f"{codes_equal['flip']}, --ten-crop --crop-range 1.1 {codes_equal['ten_crop']}; decode max|diff| "
+          f"{decode_diff:.2e} -> {'OK' if ok else 'MISMATCH'}")
     return ok
 
 

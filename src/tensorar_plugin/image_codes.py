@@ -2,16 +2,17 @@
 
 For every image ``i`` (in a fixed order: sorted class folders, then sorted file paths)::
 
-    <out_root>/<name>_codes/<i>.npy     int64 (1, n_aug, h*w)   the image and, with flip, its mirror
+    <out_root>/<name>_codes/<i>.npy     int64 (1, n_aug, h*w)   the image and its mirror (n_aug 2), or ten crops
     <out_root>/<name>_labels/<i>.npy    int64 (1,)              the class id
     <out_root>/<name>_classes.json      the class folder names (image folders only)
     <out_root>/<name>_tokenize.json     how the codes were made (ours; LlamaGen's readers ignore it)
 
-the files LlamaGen's ``extract_codes_c2i.py`` writes. Each file is written to a hidden temporary name and
-renamed, label before codes, so a code file that exists is complete: an interrupted run resumes by
-encoding only the images whose code file is missing, after checking in the record that the images, the
-tokenizer's weights and the preprocessing are the same. Process ``rank`` of ``world_size`` encodes
-batches ``rank, rank + world_size, ...``; the files do not depend on how many processes wrote them.
+the files LlamaGen's ``extract_codes_c2i.py`` writes, with or without its ``--ten-crop`` option. Each
+file is written to a hidden temporary name and renamed, label before codes, so a code file that exists is
+complete: an interrupted run resumes by encoding only the images whose code file is missing, after checking
+in the record that the images, the tokenizer's weights and the preprocessing are the same. Process ``rank``
+of ``world_size`` encodes batches ``rank, rank + world_size, ...``; the files do not depend on how many
+processes wrote them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_path
 
-__all__ = ["tokenize_images", "center_crop", "IMAGE_EXTENSIONS", "CODES_SUFFIX", "LABELS_SUFFIX", "RECORD_SUFFIX"]
+__all__ = ["tokenize_images", "center_crop", "ten_crop_views", "IMAGE_EXTENSIONS", "CODES_SUFFIX", "LABELS_SUFFIX",
+           "RECORD_SUFFIX"]
 
 #: File extensions `tokenize_images` reads from a folder (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -60,6 +62,21 @@ def center_crop(image: Any, size: int) -> Any:
     image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
     left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def ten_crop_views(image: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's ``TenCrop(size)`` of a uint8 array ``[H, W, 3]`` -> ``[10, size, size, 3]``: the four corner
+    crops and the centre crop, then the same five of the mirrored image (LlamaGen's ``--ten-crop`` views)."""
+    height, width = image.shape[:2]
+    if size > min(height, width):
+        raise ValueError(f"ten_crop size {size} is larger than the image ({width}x{height})")
+
+    def five(a: np.ndarray) -> list[np.ndarray]:
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))  # torchvision's centre
+        return [a[:size, :size], a[:size, width - size:], a[height - size:, :size],
+                a[height - size:, width - size:], a[top: top + size, left: left + size]]
+
+    return np.stack(five(image) + five(image[:, ::-1]))
 
 
 def _scan_folder(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -138,24 +155,38 @@ def _prepare(item: Any, image_size: int | None, where: str) -> np.ndarray:
     return np.asarray(image)
 
 
-class _PreparedImages(Dataset):
-    """`(index, uint8 [H, W, 3])` for the images `indices`, for a DataLoader whose workers decode and crop."""
+def _crop_size(image_size: int, crop_range: float) -> int:
+    """The center crop that ten crops are cut from, as LlamaGen computes it (``int(image_size * crop_range)``)."""
+    return int(image_size * crop_range)
 
-    def __init__(self, items: list[tuple[Any, int]], indices: list[int], image_size: int | None, side: int):
-        self.items, self.indices, self.image_size, self.side = items, indices, image_size, side
+
+def _views(item: Any, index: int, image_size: int | None, crop_range: float | None) -> np.ndarray:
+    """The views of one image before the mirror: ``[1, S, S, 3]``, or ``[10, S, S, 3]`` with ten crops."""
+    where = _where(item, index)
+    if crop_range is None:
+        return _prepare(item, image_size, where)[None]
+    return ten_crop_views(_prepare(item, _crop_size(image_size, crop_range), where), image_size)
+
+
+class _PreparedImages(Dataset):
+    """`(index, uint8 [V, S, S, 3])` for the images `indices`, for a DataLoader whose workers decode and crop."""
+
+    def __init__(self, items: list[tuple[Any, int]], indices: list[int], image_size: int | None,
+                 crop_range: float | None, side: int):
+        self.items, self.indices, self.image_size, self.crop_range, self.side = (items, indices, image_size,
+                                                                                 crop_range, side)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> tuple[int, np.ndarray]:
         index = self.indices[position]
-        item = self.items[index][0]
-        array = _prepare(item, self.image_size, _where(item, index))
-        if array.shape[:2] != (self.side, self.side):
-            raise ValueError(f"{_where(item, index)}: image is {array.shape[1]}x{array.shape[0]}, but the first "
-                             f"image is {self.side}x{self.side}; pass image_size= to resize and crop all images "
-                             f"to one size")
-        return index, array
+        views = _views(self.items[index][0], index, self.image_size, self.crop_range)
+        if views.shape[1:3] != (self.side, self.side):
+            raise ValueError(f"{_where(self.items[index][0], index)}: image is {views.shape[2]}x{views.shape[1]}, "
+                             f"but the first image is {self.side}x{self.side}; pass image_size= to resize and crop "
+                             f"all images to one size")
+        return index, views
 
 
 def _stack(batch: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray]:
@@ -291,7 +322,8 @@ def _save_item(codes_dir: Path, labels_dir: Path, index: int, codes: np.ndarray,
 def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | os.PathLike[str],
                     labels: Any = None, *, batch_size: int = 32, device: str | torch.device | None = None,
                     progress: bool = True, flip: bool = True, image_size: int | None = None,
-                    name: str | None = None, overwrite: bool = False, resume: bool = False, num_workers: int = 0,
+                    ten_crop: bool = False, crop_range: float = 1.1, name: str | None = None,
+                    overwrite: bool = False, resume: bool = False, num_workers: int = 0,
                     rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None) -> Path:
     """Encode images into LlamaGen's code layout under `out_root`; return the ``*_codes`` folder.
 
@@ -308,13 +340,18 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
         flip: also store the horizontally flipped image as a second augmentation (LlamaGen does).
         image_size: resize + center-crop every image to this square size first (LlamaGen's
             preprocessing); default: use images as they are (they must then share one size).
+        ten_crop: store ten views of `image_size` instead: the image is center-cropped to
+            ``int(image_size * crop_range)``, then cut into torchvision's ``TenCrop`` (four corners and the
+            centre, of the image and of its mirror), as LlamaGen's ``--ten-crop`` extraction does (its
+            GETTING_STARTED.md uses ``--ten-crop --crop-range 1.1``). Needs `image_size`.
+        crop_range: how much larger than `image_size` the crop the ten views are cut from is (>= 1).
         name: folder prefix: ``<name>_codes`` / ``<name>_labels`` (default ``images<H>``, like
             LlamaGen's ``imagenet256``).
         overwrite: delete the files of an existing output and start again.
         resume: finish an interrupted run: encode only the images without a code file. The output's
             record must match this call (same images and labels, tokenizer weights and dtype, image_size,
-            flip); anything else is a ``ValueError``. Without `resume` or `overwrite` an existing output
-            is refused.
+            flip, ten_crop and crop_range); anything else is a ``ValueError``. Without `resume` or
+            `overwrite` an existing output is refused.
         num_workers: DataLoader worker processes that read and crop images while the model encodes
             (0: in this process).
         rank, world_size: this process's share: batches ``rank, rank + world_size, ...`` (torchrun).
@@ -337,6 +374,14 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if ten_crop:
+        if image_size is None:
+            raise ValueError("ten_crop=True needs image_size (the size of each of the ten crops)")
+        if not flip:
+            raise ValueError("ten_crop=True stores mirrored crops by itself (five of the ten views): flip=False "
+                             "cannot apply to it")
+        if isinstance(crop_range, bool) or not isinstance(crop_range, (int, float)) or not 1.0 <= crop_range < 4.0:
+            raise ValueError(f"crop_range must be a number in [1, 4), got {crop_range!r}")
     if overwrite and resume:
         raise ValueError("overwrite=True and resume=True contradict each other: pass one of them")
     classes: list[str] | None = None
@@ -351,8 +396,9 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
     else:
         items = _as_items(images_or_folder, labels)
 
-    first = _prepare(items[0][0], image_size, _where(items[0][0], 0))
-    height, width = first.shape[:2]
+    range_used = float(crop_range) if ten_crop else None
+    first = _views(items[0][0], 0, image_size, range_used)
+    height, width = first.shape[1:3]
     if height != width:  # the codes would not form the square token grid CodesDataset and LlamaGen expect
         raise ValueError(f"{_where(items[0][0], 0)}: images are {width}x{height}, not square; pass image_size= to "
                          f"resize and center-crop them to a square")
@@ -360,7 +406,7 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
         vq_model.to(device)
     model_device, model_dtype = _model_place(vq_model)
     record = {"num_images": len(items), "images_sha256": _items_digest(items, folder), "image_size": image_size,
-              "pixels": height, "flip": flip, "vq_sha256": _weights_digest(vq_model)}
+              "pixels": height, "flip": flip, "ten_crop": range_used, "vq_sha256": _weights_digest(vq_model)}
     out_root = Path(out_root)
     name = name or f"images{height}"
     codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
@@ -375,18 +421,22 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
     mine = [i for b in range(rank, num_batches, world_size) for i in range(b * batch_size,
                                                                            min((b + 1) * batch_size, len(items)))]
     todo = [i for i in mine if not (codes_dir / f"{i}.npy").is_file()]
-    loader = DataLoader(_PreparedImages(items, todo, image_size, height), batch_size=batch_size,
+    loader = DataLoader(_PreparedImages(items, todo, image_size, range_used, height), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_stack)
     was_training = vq_model.training
     vq_model.eval()
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="tokenizing", unit="img",
                disable=not progress or rank != 0)
     try:
-        for indices, arrays in loader:
-            x = images_to_tensor(arrays).to(model_device, model_dtype)
-            views = torch.cat([x, x.flip(-1)]) if flip else x
-            n_aug = 2 if flip else 1
-            codes = vq_model.encode_to_codes(views).reshape(n_aug, len(indices), -1).transpose(0, 1)
+        for indices, arrays in loader:  # arrays: uint8 [N, V, S, S, 3], V = 10 ten crops or 1 image
+            x = images_to_tensor(arrays.reshape(-1, *arrays.shape[2:])).to(model_device, model_dtype)
+            if ten_crop:  # the ten views of each image, in TenCrop's order
+                codes = vq_model.encode_to_codes(x).reshape(len(indices), arrays.shape[1], -1)
+            elif flip:  # each image, then its mirror (LlamaGen: torch.cat([x, torch.flip(x, dims=[-1])]))
+                codes = vq_model.encode_to_codes(torch.cat([x, x.flip(-1)])).reshape(2, len(indices), -1)
+                codes = codes.transpose(0, 1)
+            else:
+                codes = vq_model.encode_to_codes(x).reshape(len(indices), 1, -1)
             codes = codes.to(torch.int64).cpu().numpy()
             for row, index in enumerate(indices):
                 _save_item(codes_dir, labels_dir, index, codes[row], items[index][1])

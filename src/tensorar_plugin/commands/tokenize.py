@@ -2,8 +2,9 @@
 
 IMAGES holds one sub-folder per class (ImageNet's `train/` as it unpacks, torchvision's `ImageFolder`);
 images are resized and center-cropped to `--image-size` (LlamaGen's preprocessing) and encoded with the
-tokenizer `--vq`, together with their mirror image (`--no-flip` to skip it). The codes go to
-`<out>/<name>_codes/<i>.npy`, the labels to `<out>/<name>_labels/<i>.npy`, as LlamaGen's
+tokenizer `--vq`, together with their mirror image (`--no-flip` to skip it), or as ten views with
+`--ten-crop` (the extraction LlamaGen's GETTING_STARTED.md uses: `--ten-crop --crop-range 1.1`). The
+codes go to `<out>/<name>_codes/<i>.npy`, the labels to `<out>/<name>_labels/<i>.npy`, as LlamaGen's
 `extract_codes_c2i.py` writes them. An interrupted run resumes: run the same command again. Under
 `torchrun` every process encodes its share of the batches.
 
@@ -40,6 +41,11 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes that read and crop images per encoding process (default: up to 4)")
     p.add_argument("--no-flip", action="store_true", help="do not store the mirrored image as a second view")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="store ten views per image as LlamaGen's --ten-crop: the corners and centre of a "
+                        "--crop-range larger center crop, and of its mirror")
+    p.add_argument("--crop-range", type=float, default=1.1,
+                   help="with --ten-crop: the crop the views are cut from, relative to --image-size (default 1.1)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the codes already under --out/--name and start again (default: resume)")
     add_device_arguments(p)
@@ -58,6 +64,10 @@ def run(args) -> int:
     for flag in ("image_size", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.ten_crop and args.no_flip:
+        raise ValueError("--ten-crop stores mirrored crops by itself (five of the ten views): drop --no-flip")
+    if args.ten_crop and not 1.0 <= args.crop_range < 4.0:
+        raise ValueError(f"--crop-range must be in [1, 4), got {args.crop_range}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if not args.images.is_dir():
@@ -77,7 +87,8 @@ def run(args) -> int:
                   f"{args.out}", file=sys.stderr)
         began = time.perf_counter()
         codes_dir = tokenize_images(args.images, vq, args.out, batch_size=args.batch_size,
-                                    progress=not args.no_progress, flip=not args.no_flip,
+                                    progress=not args.no_progress, flip=not args.no_flip, ten_crop=args.ten_crop,
+                                    crop_range=args.crop_range,
                                     image_size=args.image_size, name=args.name,
                                     overwrite=args.overwrite, resume=not args.overwrite, num_workers=args.workers,
                                     rank=rank, world_size=world, barrier=dist.barrier if world > 1 else None)
