@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tensorar_plugin.data import CodesDataset, TokenDataset
+from tensorar_plugin.data import CodesDataset, CodeSetsDataset, TokenDataset
 
 
 def write_layout(root: Path, codes: list[np.ndarray], labels: list[int], name: str = "imagenet64") -> Path:
@@ -59,6 +59,61 @@ def test_augmentation_choice_is_seeded_per_epoch_and_index(tmp_path):
     assert picks(a) != first  # a new draw every epoch
     assert picks(CodesDataset(root, seed=2)) != first
     assert sum(picks(CodesDataset(root, augment=False))) == 0
+
+
+# -- CodeSetsDataset: several code sets of the same images ------------------------------------------------
+
+
+def test_code_sets_pick_a_set_then_a_view_uniformly_and_reproducibly(tmp_path):
+    n = 2000
+    sets = {"crop110": llamagen_codes(n=n, n_aug=2, seed=1), "crop105": llamagen_codes(n=n, n_aug=2, seed=2)}
+    labels = [i % 7 for i in range(n)]
+    for name, codes in sets.items():
+        write_layout(tmp_path / name, codes, labels, name=name)
+
+    def build(seed=0, augment=True):
+        return CodeSetsDataset([CodesDataset(tmp_path / name) for name in sets], seed=seed, augment=augment)
+
+    def picks(ds):
+        """(set, view) of every item, found by content."""
+        out = []
+        for i in range(len(ds)):
+            tokens, label = ds[i]
+            assert int(label) == labels[i]
+            out.append(next((s, v) for s, codes in enumerate(sets.values()) for v in range(2)
+                            if np.array_equal(codes[i][0, v], tokens.numpy())))
+        return out
+
+    ds = build()
+    first = picks(ds)
+    counts = np.bincount([2 * s + v for s, v in first], minlength=4) / n
+    np.testing.assert_allclose(counts, 0.25, atol=0.035)  # uniform over sets, and views independent of the set
+    assert picks(build()) == first  # reproducible, whatever the read order
+    ds.set_epoch(1)
+    assert picks(ds) != first and picks(build(seed=1)) != first
+    assert set(picks(build(augment=False))) == {(0, 0)}
+    assert repr(ds).startswith("CodeSetsDataset([") and "items=2000" in repr(ds)
+
+
+def test_code_sets_must_hold_the_same_images(tmp_path):
+    labels = [0, 1, 2, 3]
+    a = CodesDataset(write_layout(tmp_path / "a", llamagen_codes(n=4), labels, name="a"))
+    fewer = CodesDataset(write_layout(tmp_path / "b", llamagen_codes(n=3), labels[:3], name="b"))
+    with pytest.raises(ValueError, match=r"must hold the same images: 3 and 4 items, item 3 is in one but not"):
+        CodeSetsDataset([a, fewer])
+    other_grid = CodesDataset(write_layout(tmp_path / "c", llamagen_codes(n=4, length=25), labels, name="c"))
+    with pytest.raises(ValueError, match="code sets of one dataset need one grid"):
+        CodeSetsDataset([a, other_grid])
+    relabelled = CodesDataset(write_layout(tmp_path / "d", llamagen_codes(n=4), [0, 1, 5, 3], name="d"))
+    mixed = CodeSetsDataset([a, relabelled])
+    with pytest.raises(ValueError, match=r"d_labels/2\.npy and .*a_labels/2\.npy: the code sets disagree"):
+        for _ in range(20):  # until item 2 is read from the second set
+            mixed.set_epoch(mixed.epoch + 1)
+            mixed[2]
+    with pytest.raises(ValueError, match=r"a_labels/2\.npy: the code sets disagree on the class of this image \(\[2,"):
+        mixed.verify(progress=False)
+    with pytest.raises(ValueError, match="non-empty sequence of CodesDataset"):
+        CodeSetsDataset([])
 
 
 @pytest.mark.parametrize("shape", [(2, 16), (16,)])

@@ -323,6 +323,21 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     assert resumed["step"] == 4 and resumed["config"]["recompute_logits"] is True
 
 
+def test_cli_finetune_reads_several_code_sets_of_the_same_images(tmp_path, capsys, cli_error):
+    torch.save({"model": tiny_llamagen().state_dict()}, tmp_path / "tiny.pt")
+    write_codes(tmp_path / "crop110")
+    write_codes(tmp_path / "crop105")
+    common = ["finetune", "--model", str(tmp_path / "tiny.pt"), *TINY_FLAGS, "--out", str(tmp_path / "run"),
+              "--batch-size", "4", "--num-workers", "0", "--no-progress", "--precision", "no", "--steps", "1"]
+    assert main([*common, "--codes", str(tmp_path / "crop110"), str(tmp_path / "crop105")]) == 0
+    saved = json.loads((tmp_path / "run" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert saved["config"]["extra"]["codes"] == [str(tmp_path / "crop110"), str(tmp_path / "crop105")]
+    write_codes(tmp_path / "fewer", n=8)
+    message = cli_error([*common, "--out", str(tmp_path / "run2"), "--codes", str(tmp_path / "crop110"),
+                         str(tmp_path / "fewer")])
+    assert "must hold the same images: 8 and 12 items" in message
+
+
 def test_cli_finetune_training_settings_are_saved_and_kept_by_init_from(tmp_path, capsys):
     torch.save({"model": tiny_llamagen().state_dict()}, tmp_path / "tiny.pt")
     write_codes(tmp_path / "codes")

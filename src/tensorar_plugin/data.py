@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset
 
 from .image_codes import CODES_SUFFIX, IMAGE_EXTENSIONS, LABELS_SUFFIX, center_crop, tokenize_images
 
-__all__ = ["CodesDataset", "TokenDataset", "tokenize_images", "IMAGE_EXTENSIONS", "center_crop"]
+__all__ = ["CodesDataset", "CodeSetsDataset", "TokenDataset", "tokenize_images", "IMAGE_EXTENSIONS", "center_crop"]
 
 
 
@@ -260,6 +261,80 @@ class CodesDataset(_AugmentedDataset):
     def __repr__(self) -> str:
         return (f"CodesDataset({str(self.codes_dir)!r}, items={len(self)}, num_tokens={self.num_tokens}, "
                 f"augmentations={self.num_augmentations})")
+
+
+class CodeSetsDataset(_AugmentedDataset):
+    """Several code sets of the same images, e.g. LlamaGen's ten crops at crop ranges 1.1 and 1.05.
+
+    Each item reads one set, chosen uniformly, then one of that set's views, as LlamaGen's ImageNet
+    dataset does with its ``ten_crop`` and ``ten_crop_105`` folders. Both choices are seeded by
+    ``(seed, epoch, index)`` like :class:`CodesDataset`'s (independent streams), so they do not depend on
+    workers or read order, and a resumed run sees the same. The sets must list the same items with the
+    same grid; an item whose label differs between sets is a ``ValueError`` naming both files. The sets
+    take this dataset's `seed` and `augment` (``tensorar finetune --codes A B`` builds one).
+    """
+
+    def __init__(self, sets: Sequence[CodesDataset], *, seed: int = 0, augment: bool = True):
+        sets = list(sets)
+        if not sets or not all(isinstance(d, CodesDataset) for d in sets):
+            raise ValueError("sets must be a non-empty sequence of CodesDataset")
+        first = sets[0]
+        for other in sets[1:]:
+            if other.indices != first.indices:
+                missing = sorted(set(first.indices) ^ set(other.indices), key=int)
+                detail = f"item {missing[0]} is in one but not the other" if missing else "they are numbered apart"
+                raise ValueError(f"{other.codes_dir} and {first.codes_dir} must hold the same images: {len(other)} "
+                                 f"and {len(first)} items, {detail}")
+            if other.num_tokens != first.num_tokens:
+                raise ValueError(f"{other.codes_dir} has {other.num_tokens} tokens per image, {first.codes_dir} "
+                                 f"{first.num_tokens}: code sets of one dataset need one grid")
+        self.sets = sets
+        self.seed = int(seed)
+        self.augment = augment
+        self.epoch = 0
+        self.num_tokens = first.num_tokens
+        for dataset in sets:  # the sets' own view choices follow this dataset's seed and flag
+            dataset.seed, dataset.augment = self.seed, augment
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        for dataset in self.sets:
+            dataset.set_epoch(epoch)
+
+    def _pick_set(self, index: int) -> int:
+        if not self.augment or len(self.sets) == 1:
+            return 0
+        # a stream of its own (fourth seed word), independent of the view choice inside the set
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch & 0xFFFFFFFF, index & 0xFFFFFFFF, 1])
+        return int(rng.integers(len(self.sets)))
+
+    def __len__(self) -> int:
+        return len(self.sets[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        index %= len(self)
+        chosen = self.sets[self._pick_set(index)]
+        codes, label = chosen[index]
+        if chosen is not self.sets[0] and int(label) != self.sets[0]._read_label(index):
+            raise ValueError(f"{chosen.label_path(index)} and {self.sets[0].label_path(index)}: the code sets disagree "
+                             f"on the class of this image; they must hold the same images in the same order")
+        return codes, label
+
+    def verify(self, progress: bool = True) -> None:
+        """Read and check every file of every set, and that the sets agree on every label."""
+        for dataset in self.sets:
+            dataset.verify(progress)
+        for index in range(len(self)):
+            labels = {dataset._read_label(index) for dataset in self.sets}
+            if len(labels) > 1:
+                raise ValueError(f"{self.sets[0].label_path(index)}: the code sets disagree on the class of this "
+                                 f"image ({sorted(labels)})")
+
+    def __repr__(self) -> str:
+        sets = ", ".join(f"{str(d.codes_dir)!r} ({d.num_augmentations} views)" for d in self.sets)
+        return f"CodeSetsDataset([{sets}], items={len(self)}, num_tokens={self.num_tokens})"
 
 
 class TokenDataset(_AugmentedDataset):

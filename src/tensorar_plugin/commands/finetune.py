@@ -117,9 +117,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                           help="train only the TensorAR parts (checkpoints then hold only those, adapter-style)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--codes", required=True,
+    data.add_argument("--codes", required=True, nargs="+", metavar="DIR",
                       help="folder with <name>_codes/ and <name>_labels/ (LlamaGen's extract_codes_c2i.py layout), "
-                           "or the <name>_codes folder itself")
+                           "or the <name>_codes folder itself; several folders of the same images (e.g. ten crops "
+                           "at crop ranges 1.1 and 1.05, LlamaGen's recipe): each item reads one, chosen uniformly")
     data.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes per GPU")
     data.add_argument("--no-augment", action="store_true",
                       help="always use the first stored augmentation instead of a random one")
@@ -173,7 +174,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import CodesDataset
+    from ..data import CodesDataset, CodeSetsDataset
     from ..hub import load_llamagen
     from ..train import TrainConfig, Trainer, distributed_info, init_distributed
     from ..wrapper import TensorARWrapper
@@ -199,8 +200,10 @@ def run(args: argparse.Namespace) -> int:
             wrapper.set_backbone_frozen(args.freeze_backbone)
         else:
             wrapper = TensorARWrapper(model, window=args.window, freeze_backbone=args.freeze_backbone, **given)
-        dataset = CodesDataset(args.codes, num_tokens=model.block_size, codebook_size=wrapper.vocab_size,
-                               num_classes=model.num_classes, seed=args.seed, augment=not args.no_augment)
+        sets = [CodesDataset(codes, num_tokens=model.block_size, codebook_size=wrapper.vocab_size,
+                             num_classes=model.num_classes, seed=args.seed, augment=not args.no_augment)
+                for codes in args.codes]
+        dataset = sets[0] if len(sets) == 1 else CodeSetsDataset(sets, seed=args.seed, augment=not args.no_augment)
         log.info("dataset: %r", dataset)
         config = TrainConfig(
             lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile, save_backbone=args.save_backbone, resume_from=args.resume,
             progress=not args.no_progress,
             extra={"model": str(args.model), "image_size": args.image_size, "model_config": overrides,
-                   "codes": str(args.codes), "window": args.window},
+                   "codes": args.codes[0] if len(args.codes) == 1 else args.codes, "window": args.window},
         )
         trainer = Trainer(wrapper, dataset, config)
         metrics = trainer.train()
