@@ -29,7 +29,8 @@ def tiny_vq(seed: int = 0) -> VQModel:
 
 
 class CountingVQ(torch.nn.Module):
-    """Wraps a tokenizer and records how many views each `encode_to_codes` call got; can fail on a given call."""
+    """Wraps a tokenizer and records how many views each `encode_to_codes` call got; can fail on a given call.
+    The first call of every `tokenize_images` run is its one-image check, before any file is written."""
 
     def __init__(self, vq: VQModel, fail_on_call: int | None = None):
         super().__init__()
@@ -128,6 +129,60 @@ def test_tokenize_errors(tmp_path):
         tokenize_images(np.zeros((2, 16, 24, 3), np.uint8), vq, tmp_path / "wide", labels=[0, 1], progress=False)
 
 
+def test_folder_order_and_labels_are_image_folders(tmp_path):
+    datasets = pytest.importorskip("torchvision.datasets")
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    for n, relative in enumerate(("cat/z.png", "cat/a/1.png", "cat/a/b/0.jpg", "cat/B/2.PNG", "dog/x.bmp",
+                                  "dog/.5.png")):
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(n).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format="BMP" if path.suffix == ".bmp" else None, quality=100)
+    vq = tiny_vq()
+    codes_dir = tokenize_images(folder, vq, tmp_path / "out", progress=False)
+    (folder / ".hidden").mkdir()  # not a class for us (ImageFolder would count it), so added after
+    reference = datasets.ImageFolder(str(folder), allow_empty=True)
+    assert len(reference.samples) == len(CodesDataset(codes_dir)) == 6
+    for i, (path, label) in enumerate(reference.samples):  # its order and labels (shifted by the hidden class)
+        with torch.no_grad():
+            expected = vq.encode_to_codes(images_to_tensor(reference.loader(path)))
+        assert np.array_equal(np.load(codes_dir / f"{i}.npy")[0, 0], expected[0].numpy()), path
+        assert int(np.load(codes_dir.parent / "images16_labels" / f"{i}.npy")[0]) == label - 1, path
+    (folder / "emu").mkdir()
+    with pytest.raises(ValueError, match=r"emu: no image files .* in this class folder; every sub-folder"):
+        tokenize_images(folder, vq, tmp_path / "out2", progress=False)
+
+
+def test_unreadable_files_and_odd_inputs_are_named(tmp_path):
+    vq = tiny_vq()
+    folder = image_folder(tmp_path / "images", {"ant": 2})
+    (folder / "ant" / "9.ppm").write_bytes(b"P6\n4\xa1 4\n255\n" + bytes(48))  # PIL raises a bare ValueError
+    with pytest.raises(ValueError, match=r"ant/9\.ppm: cannot read image \("):
+        tokenize_images(folder, vq, tmp_path / "out", image_size=16, progress=False)
+    with pytest.raises(ValueError, match="images must not be empty"):
+        tokenize_images([], vq, tmp_path / "x", labels=[])
+    with pytest.raises(ValueError, match=r"got 16 images but 1 labels \(a 3-d array is read as \[N, H, W\] grey"):
+        tokenize_images(random_images(1)[0], vq, tmp_path / "x", labels=[0])
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"file\.png: not a folder"):
+        tokenize_images(tmp_path / "file.png", vq, tmp_path / "x")
+    with pytest.raises(ValueError, match="image_size must be an integer >= 1, got 1.5"):
+        tokenize_images(random_images(2), vq, tmp_path / "x", labels=[0, 1], image_size=1.5)
+    codes_dir = tokenize_images(random_images(2, size=20), vq, tmp_path / "y", labels=[0, 1], progress=False,
+                                image_size=np.int64(16))  # NumPy integers work (and go into the JSON record)
+    assert np.load(codes_dir / "0.npy").shape == (1, 2, 16)
+
+
+def test_overwrite_removes_the_class_names_of_an_earlier_folder_run(tmp_path):
+    folder = image_folder(tmp_path / "images", {"ant": 1, "bee": 1}, size=16)
+    tokenize_images(folder, tiny_vq(), tmp_path / "out", image_size=16, progress=False)
+    assert (tmp_path / "out" / "images16_classes.json").is_file()
+    tokenize_images(random_images(2), tiny_vq(), tmp_path / "out", labels=[0, 1], progress=False, overwrite=True)
+    assert not (tmp_path / "out" / "images16_classes.json").exists()
+
+
 def test_center_crop():
     from PIL import Image
 
@@ -204,24 +259,24 @@ def test_resume_encodes_only_the_missing_images_and_gives_the_same_files(tmp_pat
     counting = CountingVQ(vq)
     assert tokenize_images(images, counting, tmp_path, labels=labels, batch_size=2, progress=False,
                            resume=True) == codes_dir
-    assert counting.calls == [4]            # images 3 and 6 in one batch, each with its mirror
+    assert counting.calls == [1, 4]         # the check, then images 3 and 6 in one batch, each with its mirror
     assert read_layout(codes_dir) == complete
     tokenize_images(images, counting, tmp_path, labels=labels, batch_size=2, progress=False, resume=True)
-    assert counting.calls == [4]            # complete: nothing encoded
+    assert counting.calls == [1, 4, 1]      # complete: nothing encoded after the check
 
 
 def test_an_interrupted_run_leaves_only_complete_files_and_resumes(tmp_path):
     vq, images, labels = tiny_vq(), random_images(6), [0, 1, 2, 0, 1, 2]
     expected = read_layout(tokenize_images(images, vq, tmp_path / "clean", labels=labels, batch_size=2,
                                            progress=False))
-    crashing = CountingVQ(vq, fail_on_call=2)
+    crashing = CountingVQ(vq, fail_on_call=3)  # the check, two batches, then the crash
     with pytest.raises(RuntimeError, match="simulated crash"):
         tokenize_images(images, crashing, tmp_path / "run", labels=labels, batch_size=2, progress=False)
     codes_dir = tmp_path / "run" / "images16_codes"
     assert sorted(p.name for p in codes_dir.iterdir()) == ["0.npy", "1.npy", "2.npy", "3.npy"]  # no partial files
     counting = CountingVQ(vq)
     tokenize_images(images, counting, tmp_path / "run", labels=labels, batch_size=2, progress=False, resume=True)
-    assert counting.calls == [4]
+    assert counting.calls == [1, 4]
     assert read_layout(codes_dir) == expected
     record = json.loads((tmp_path / "run" / f"images16{RECORD_SUFFIX}").read_text())
     assert record["num_images"] == 6 and record["flip"] is True and record["pixels"] == 16
@@ -245,7 +300,7 @@ def test_resume_refuses_other_images_tokenizer_or_settings(tmp_path):
         tokenize_images(changed, vq, tmp_path, labels=labels, **kwargs)
     with pytest.raises(ValueError, match=r"images_sha256: .*num_images: 4 there, 3 now"):
         tokenize_images(images[:3], vq, tmp_path, labels=labels[:3], **kwargs)
-    with pytest.raises(ValueError, match=r"already holds 4 \.npy files \(codes of 4 of 4 images\); pass resume=True"):
+    with pytest.raises(ValueError, match=r"already holds 4 \.npy files \(codes of 4 of 4 images\); resume=True fin"):
         tokenize_images(images, vq, tmp_path, labels=labels, progress=False)
     with pytest.raises(ValueError, match="overwrite=True and resume=True contradict"):
         tokenize_images(images, vq, tmp_path, labels=labels, overwrite=True, **kwargs)
@@ -255,7 +310,7 @@ def test_resume_of_codes_without_a_record_is_refused(tmp_path):
     (tmp_path / "images16_codes").mkdir()
     np.save(tmp_path / "images16_codes" / "0.npy", np.zeros((1, 2, 16), np.int64))  # e.g. made by LlamaGen
     with pytest.raises(ValueError, match=r"images16_codes: already holds 1 \.npy files and no record of how they "
-                                         r"were made, so they cannot be resumed; pass overwrite=True"):
+                                         r"were made, so they cannot be resumed; overwrite=True \(`--overwrite`\)"):
         tokenize_images(random_images(2), tiny_vq(), tmp_path, labels=[0, 1], progress=False, resume=True)
 
 
@@ -269,10 +324,39 @@ def test_image_folder_moved_elsewhere_resumes(tmp_path):
     moved = folder.rename(tmp_path / "b")
     counting = CountingVQ(vq)
     tokenize_images(moved, counting, tmp_path / "out", image_size=16, batch_size=2, progress=False, resume=True)
-    assert counting.calls == [2] and read_layout(codes_dir) == complete
+    assert counting.calls == [1, 2] and read_layout(codes_dir) == complete
     (moved / "bee" / "2.png").rename(moved / "ant" / "9.png")  # a file moved to another class: other labels
     with pytest.raises(ValueError, match="images_sha256"):
         tokenize_images(moved, vq, tmp_path / "out", image_size=16, progress=False, resume=True)
+
+
+def test_a_run_that_finished_no_image_starts_again_with_new_settings(tmp_path):
+    images, labels, vq = random_images(4), [0, 1, 2, 3], tiny_vq()
+    with pytest.raises(ValueError, match="multiple"):  # 18 px do not fit the 4x downsampling: refused before set-up
+        tokenize_images(random_images(4, size=18), vq, tmp_path, labels=labels, progress=False)
+    assert not tmp_path.joinpath("images18_codes").exists() and not list(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="simulated crash"):  # the first batch fails: a record, no codes
+        tokenize_images(images, CountingVQ(vq, fail_on_call=1), tmp_path, labels=labels, progress=False)
+    assert tmp_path.joinpath(f"images16{RECORD_SUFFIX}").is_file()
+    codes_dir = tokenize_images(images, vq, tmp_path, labels=labels, flip=False, progress=False)  # other settings
+    assert CodesDataset(codes_dir).num_augmentations == 1 and len(CodesDataset(codes_dir)) == 4
+
+
+def test_sync_gives_every_process_rank_zeros_refusal(tmp_path):
+    images, labels, vq = random_images(4), [0, 1, 2, 3], tiny_vq()
+    tokenize_images(images, vq, tmp_path, labels=labels, progress=False)
+    shared = []
+
+    def rank_zero_sync(message):
+        shared.append(message)
+        return message
+
+    kwargs = dict(labels=labels, flip=False, resume=True, progress=False, world_size=2)
+    with pytest.raises(ValueError, match=r"\(flip: True there, False now\)") as on_rank_zero:
+        tokenize_images(images, vq, tmp_path, rank=0, sync=rank_zero_sync, **kwargs)
+    with pytest.raises(ValueError) as on_rank_one:
+        tokenize_images(images, vq, tmp_path, rank=1, sync=lambda message: shared[0], **kwargs)
+    assert str(on_rank_one.value) == str(on_rank_zero.value) == shared[0]
 
 
 # -- several processes, DataLoader workers ---------------------------------------------------------
@@ -290,7 +374,7 @@ def test_split_over_processes_equals_one_process(tmp_path):
         tokenize_images(images, counting, tmp_path / "two", labels=labels, batch_size=2, progress=False,
                         rank=rank, world_size=2)
         counts.append(counting.calls)
-    assert counts == [[4, 4], [4, 2]]  # batches 0 and 2, then 1 and 3 (the last holds one image)
+    assert counts == [[1, 4, 4], [1, 4, 2]]  # the check; batches 0 and 2, then 1 and 3 (the last holds one image)
     assert read_layout(tmp_path / "two" / "images16_codes") == one
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\), got rank=2, world_size=2"):
         tokenize_images(images, vq, tmp_path / "x", labels=labels, rank=2, world_size=2)
@@ -363,27 +447,38 @@ def test_tokenize_command_errors(tmp_path, cli_error):
     assert "other images or settings (flip: True there, False now)" in message
 
 
-def _tokenize_worker(rank: int, port: int, folder: str, out: str, vq: str) -> None:
+def _tokenize_worker(rank: int, port: int, folder: str, out: str, vq: str, extra: tuple[str, ...] = ()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    cli_main(tokenize_argv(Path(folder), Path(out), Path(vq)))
+    code = cli_main(tokenize_argv(Path(folder), Path(out), Path(vq), *extra))
+    Path(out, f"exit_code_{rank}").write_text(str(code))
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
-def test_tokenize_command_under_two_processes_equals_one(tmp_path):
-    folder = image_folder(tmp_path / "images", {"ant": 3, "bee": 4})
-    vq = vq_file(tmp_path / "vq.safetensors")
+def run_two_processes(folder: Path, out: Path, vq: Path, *extra: str) -> list[str]:
+    """`tensorar tokenize` as two torchrun processes (gloo): their exit codes."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    context = mp.spawn(_tokenize_worker, args=(port, str(folder), str(tmp_path / "two"), str(vq)), nprocs=2,
-                       join=False)
+    context = mp.spawn(_tokenize_worker, args=(port, str(folder), str(out), str(vq), extra), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail("the 2-process tokenizing did not finish within 120 s")
+    return [Path(out, f"exit_code_{rank}").read_text() for rank in (0, 1)]
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+def test_tokenize_command_under_two_processes_equals_one(tmp_path, capfd):
+    folder = image_folder(tmp_path / "images", {"ant": 3, "bee": 4})
+    vq = vq_file(tmp_path / "vq.safetensors")
+    assert run_two_processes(folder, tmp_path / "two", vq) == ["0", "0"]
     assert cli_main(tokenize_argv(folder, tmp_path / "one", vq)) == 0
     two = read_layout(tmp_path / "two" / "images16_codes")
     assert len(two) == 14 and two == read_layout(tmp_path / "one" / "images16_codes")
+    # rank 0 refuses to resume with other settings: both processes stop with that error, none waits for it
+    capfd.readouterr()
+    assert run_two_processes(folder, tmp_path / "two", vq, "--no-flip") == ["2", "2"]
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("tensorar tokenize: error:")]
+    assert len(errors) == 2 and all("(flip: True there, False now)" in line for line in errors)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_path
 
-__all__ = ["tokenize_images", "center_crop", "ten_crop_views", "IMAGE_EXTENSIONS", "CODES_SUFFIX", "LABELS_SUFFIX",
-           "RECORD_SUFFIX"]
+__all__ = ["tokenize_images", "distributed_sync", "center_crop", "ten_crop_views", "IMAGE_EXTENSIONS", "CODES_SUFFIX",
+           "LABELS_SUFFIX", "RECORD_SUFFIX"]
 
 #: File extensions `tokenize_images` reads from a folder (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -79,18 +79,25 @@ def ten_crop_views(image: np.ndarray, size: int) -> np.ndarray:
     return np.stack(five(image) + five(image[:, ::-1]))
 
 
-def _scan_folder(folder: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """ImageFolder semantics: sorted class sub-folders, their image files (recursively, sorted)."""
+def _scan_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """torchvision's ``ImageFolder`` order: class sub-folders sorted by name (label = position); in each, the
+    folders of ``sorted(os.walk(...))`` (symlinks followed) and their image files sorted by name. Hidden
+    sub-folders are not classes. Paths are kept as strings (a ``Path`` per ImageNet file costs ~0.5 GB)."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{folder}: no class sub-folders (expected <folder>/<class name>/<image files>)")
-    items: list[tuple[Path, int]] = []
+    items: list[tuple[str, int]] = []
+    empty = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        items.extend((path, label) for path in files)
-    if not items:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class sub-folders")
+        count = len(items)
+        for root, _, files in sorted(os.walk(folder / name, followlinks=True)):
+            items.extend((os.path.join(root, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if len(items) == count:
+            empty.append(name)
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise ValueError(f"{folder / empty[0]}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this class "
+                         f"folder{more}; every sub-folder of the image folder is a class")
     return items, classes
 
 
@@ -109,16 +116,19 @@ def _as_items(images: Any, labels: Any) -> list[tuple[Any, int]]:
     elif not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
         raise ValueError(f"images must be a folder, a uint8 array or a list of PIL images / arrays, got "
                          f"{type(images).__name__}")
+    if not len(images):
+        raise ValueError("images must not be empty")
     label_array = np.asarray(labels).reshape(-1)
     if label_array.dtype.kind not in "iu":  # int() would truncate 0.9 to 0 without a word
         raise ValueError(f"labels must be integer class ids, got dtype {label_array.dtype}")
     labels = [int(x) for x in label_array]
     if len(labels) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+        hint = ""
+        if len(labels) == 1 and len(images) > 1 and getattr(images[0], "ndim", 0) == 2:
+            hint = " (a 3-d array is read as [N, H, W] grey images; pass one RGB image as [1, H, W, 3])"
+        raise ValueError(f"got {len(images)} images but {len(labels)} labels{hint}")
     if any(x < 0 for x in labels):
         raise ValueError("labels must be class ids >= 0")
-    if not images:
-        raise ValueError("images must not be empty")
     return list(zip(images, labels, strict=True))
 
 
@@ -134,8 +144,8 @@ def _prepare(item: Any, image_size: int | None, where: str) -> np.ndarray:
         try:
             with Image.open(item) as img:
                 image = img.convert("RGB")
-        except OSError as exc:
-            raise ValueError(f"{where}: cannot read image ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001 - a damaged file makes PIL raise many kinds; each must name the file
+            raise ValueError(f"{where}: cannot read image ({type(exc).__name__}: {exc})") from exc
     elif isinstance(item, Image.Image):
         image = item.convert("RGB")
     elif isinstance(item, np.ndarray):
@@ -198,10 +208,10 @@ def _stack(batch: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def _item_key(item: Any, folder: Path | None) -> str:
-    """A file's path inside the image folder; an in-memory image's content hash."""
-    if isinstance(item, (str, os.PathLike)):
-        return Path(item).relative_to(folder).as_posix() if folder is not None else str(item)
+def _item_key(item: Any, prefix: str) -> str:
+    """A file's path inside the image folder (`prefix`: the folder and a separator); an in-memory image's hash."""
+    if isinstance(item, str):
+        return item[len(prefix):].replace(os.sep, "/")
     if isinstance(item, np.ndarray):
         data, shape = np.ascontiguousarray(item).tobytes(), f"{item.dtype}{item.shape}"
     else:  # a PIL image
@@ -210,9 +220,12 @@ def _item_key(item: Any, folder: Path | None) -> str:
 
 
 def _items_digest(items: list[tuple[Any, int]], folder: Path | None) -> str:
+    """SHA-256 over every image's key and label, in order: the same images in the same classes, wherever the
+    folder lies (a file edited in place under the same name is not noticed)."""
+    prefix = os.path.join(str(folder), "") if folder is not None else ""
     digest = hashlib.sha256()
     for item, label in items:
-        digest.update(f"{_item_key(item, folder)}\t{label}\n".encode())
+        digest.update(f"{_item_key(item, prefix)}\t{label}\n".encode())
     return digest.hexdigest()
 
 
@@ -228,43 +241,51 @@ def _weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+#: the ways out of a refused output, named for the Python API and for `tensorar tokenize` alike
+_START_AGAIN = "overwrite=True (`--overwrite`) starts again"
+_ELSEWHERE = "or choose another out_root / name (`--out` / `--name`)"
+
+
 def _read_record(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable record of a tokenization ({exc}); pass overwrite=True to start "
-                         f"again") from exc
+        raise ValueError(f"{path}: unreadable record of a tokenization ({exc}); {_START_AGAIN}") from exc
 
 
-def _npy_files(folder: Path) -> list[Path]:
-    return list(folder.glob("*.npy")) + list(folder.glob(".*.tmp.npy")) if folder.is_dir() else []
+def _npy_files(folder: Path, *, finished_only: bool = False) -> Iterator[Path]:
+    """The `.npy` files in `folder` (with hidden partial ones unless `finished_only`), lazily."""
+    if folder.is_dir():
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".npy") and not (finished_only and entry.name.startswith(".")):
+                    yield Path(entry.path)
 
 
 def _set_up_output(out_root: Path, name: str, record: dict[str, Any], classes: list[str] | None, *,
                    overwrite: bool, resume: bool) -> None:
-    """Rank 0: start a new output (or wipe it with `overwrite`), or check that `resume` continues the same run."""
+    """Rank 0: start a new output (wiping an old one with `overwrite`, or one where no image was finished), or
+    check that `resume` continues the run the record describes; a ValueError when the output must stay as is."""
     codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
     record_path = out_root / f"{name}{RECORD_SUFFIX}"
-    existing = {folder: _npy_files(folder) for folder in (codes_dir, labels_dir)}
-    continuing = False
-    if overwrite:
-        for path in [*existing[codes_dir], *existing[labels_dir]]:
-            path.unlink()
-        record_path.unlink(missing_ok=True)
-    elif record_path.is_file():
-        _check_resumable(record_path, _read_record(record_path), record, codes_dir, existing[codes_dir], resume)
-        continuing = True
-    else:
-        for folder, files in existing.items():
-            if files:
-                raise ValueError(f"{folder}: already holds {len(files)} .npy files"
+    finished = next(_npy_files(codes_dir, finished_only=True), None) is not None
+    if record_path.is_file() and finished and not overwrite:
+        _check_resumable(record_path, _read_record(record_path), record, codes_dir, resume)
+        return
+    if not overwrite and not record_path.is_file():
+        for folder in (codes_dir, labels_dir):
+            count = sum(1 for _ in _npy_files(folder))
+            if count:
+                raise ValueError(f"{folder}: already holds {count} .npy files"
                                  + (" and no record of how they were made, so they cannot be resumed"
-                                    if resume else "")
-                                 + "; pass overwrite=True to replace them or choose another out_root / name")
+                                    if resume else "") + f"; {_START_AGAIN}, {_ELSEWHERE}")
+    # a new output, or one to wipe: asked to, or a run that stopped before it finished any image
+    for path in [*_npy_files(codes_dir), *_npy_files(labels_dir)]:
+        path.unlink()
+    (out_root / f"{name}_classes.json").unlink(missing_ok=True)
+    record_path.unlink(missing_ok=True)
     for folder in (codes_dir, labels_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    if continuing:
-        return
     if classes is not None:
         with atomic_path(out_root / f"{name}_classes.json") as tmp:
             tmp.write_text(json.dumps({"classes": classes}, indent=1) + "\n")
@@ -273,31 +294,38 @@ def _set_up_output(out_root: Path, name: str, record: dict[str, Any], classes: l
 
 
 def _check_resumable(record_path: Path, saved: dict[str, Any], record: dict[str, Any], codes_dir: Path,
-                     code_files: list[Path], resume: bool) -> None:
-    """An existing output may only be continued with `resume` and by a run with the recorded settings."""
+                     resume: bool) -> None:
+    """An output with finished images may only be continued with `resume`, by a run with the recorded settings."""
     if not resume:
-        done = sum(1 for p in code_files if not p.name.startswith("."))
+        done = sum(1 for _ in _npy_files(codes_dir, finished_only=True))
         raise ValueError(f"{codes_dir}: already holds {done} .npy files (codes of {done} of "
-                         f"{saved.get('num_images')} images); pass resume=True to finish them "
-                         f"(`tensorar tokenize` resumes by default), overwrite=True to start again, or "
-                         f"choose another out_root / name")
+                         f"{saved.get('num_images')} images); resume=True finishes them (`tensorar tokenize` "
+                         f"resumes by default), {_START_AGAIN}, {_ELSEWHERE}")
     differ = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k)!r} there, {record.get(k)!r} now" for k in differ)
         raise ValueError(f"{record_path}: the codes there were made from other images or settings ({detail}); "
-                         f"resume with the same images, tokenizer and settings, pass overwrite=True to start "
-                         f"again, or choose another out_root / name")
+                         f"resume with the same images, tokenizer and settings, or {_START_AGAIN}, {_ELSEWHERE}")
 
 
 def _check_output(out_root: Path, name: str, record: dict[str, Any]) -> None:
     """Ranks other than 0: the record rank 0 wrote must be this process's own."""
     record_path = out_root / f"{name}{RECORD_SUFFIX}"
     if not record_path.is_file():
-        raise RuntimeError(f"{record_path} is missing: rank 0 writes it first (pass barrier= when several "
+        raise RuntimeError(f"{record_path} is missing: rank 0 writes it first (pass sync= when several "
                            f"processes tokenize into one folder)")
     if _read_record(record_path) != record:
         raise RuntimeError(f"{record_path}: rank 0 recorded other settings than this process has (different "
                            f"images, tokenizer weights or arguments per process)")
+
+
+def distributed_sync(message: str | None) -> str | None:
+    """`sync=` for `torch.distributed`: every process gets rank 0's set-up outcome (its error message or None)."""
+    import torch.distributed as dist
+
+    shared = [message]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +352,8 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
                     progress: bool = True, flip: bool = True, image_size: int | None = None,
                     ten_crop: bool = False, crop_range: float = 1.1, name: str | None = None,
                     overwrite: bool = False, resume: bool = False, num_workers: int = 0,
-                    rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None) -> Path:
+                    rank: int = 0, world_size: int = 1,
+                    sync: Callable[[str | None], str | None] | None = None) -> Path:
     """Encode images into LlamaGen's code layout under `out_root`; return the ``*_codes`` folder.
 
     Args:
@@ -351,25 +380,30 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
         resume: finish an interrupted run: encode only the images without a code file. The output's
             record must match this call (same images and labels, tokenizer weights and dtype, image_size,
             flip, ten_crop and crop_range); anything else is a ``ValueError``. Without `resume` or
-            `overwrite` an existing output is refused.
+            `overwrite` an output holding finished images is refused (one where a run stopped before
+            finishing any image is started again).
         num_workers: DataLoader worker processes that read and crop images while the model encodes
             (0: in this process).
         rank, world_size: this process's share: batches ``rank, rank + world_size, ...`` (torchrun).
-        barrier: called after rank 0 has set up the output, before the others check it
-            (``torch.distributed.barrier`` when several processes write one output).
+        sync: with several processes writing one output: called by every process once rank 0 has set
+            it up, with rank 0's outcome (its error message, or None) on rank 0; must return rank 0's
+            value on every process, like :func:`distributed_sync` does for ``torch.distributed``. So a
+            refusal (say, a resume with other settings) is the same ``ValueError`` on every process
+            instead of one error and processes waiting for rank 0.
 
     Files are ``<i>.npy`` of shape ``(1, n_aug, h*w)`` (int64) and labels of shape ``(1,)``, exactly
-    what LlamaGen's ``extract_codes_c2i.py`` writes, so :class:`~tensorar_plugin.data.CodesDataset` and
-    LlamaGen's own training script can both read them.
+    what LlamaGen's ``extract_codes_c2i.py`` writes, so :class:`~tensorar_plugin.data.CodesDataset` reads
+    them, and so does LlamaGen's own ``train_c2i.py`` for ImageNet (which hard-codes the folder names
+    ``imagenet<size>_codes`` / ``_labels``: pass ``name="imagenet256"``).
     """
-    from tqdm import tqdm
 
-    from .models.vq import images_to_tensor
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+            raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
+        image_size = int(image_size)  # a NumPy integer would not go into the JSON record
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not 0 <= rank < world_size:
@@ -389,7 +423,8 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
     if isinstance(images_or_folder, (str, os.PathLike)):
         folder = Path(images_or_folder)
         if not folder.is_dir():
-            raise ValueError(f"{folder}: image folder not found")
+            raise ValueError(f"{folder}: " + ("not a folder (expected an image folder with one sub-folder per class)"
+                                              if folder.exists() else "image folder not found"))
         if labels is not None:
             raise ValueError("labels must not be given with an image folder: they come from its sub-folders")
         items, classes = _scan_folder(folder)
@@ -404,16 +439,47 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
                          f"resize and center-crop them to a square")
     if device is not None:
         vq_model.to(device)
+    was_training = vq_model.training
+    vq_model.eval()
+    try:
+        return _encode_all(items, classes, folder, first, vq_model, Path(out_root), name, batch_size=batch_size,
+                           progress=progress, flip=flip, image_size=image_size, crop_range=range_used,
+                           overwrite=overwrite, resume=resume, num_workers=num_workers, rank=rank,
+                           world_size=world_size, sync=sync)
+    finally:
+        vq_model.train(was_training)
+
+
+def _encode_all(items: list[tuple[Any, int]], classes: list[str] | None, folder: Path | None, first: np.ndarray,
+                vq_model: nn.Module, out_root: Path, name: str | None, *, batch_size: int, progress: bool,
+                flip: bool, image_size: int | None, crop_range: float | None, overwrite: bool, resume: bool,
+                num_workers: int, rank: int, world_size: int,
+                sync: Callable[[str | None], str | None] | None) -> Path:
+    """`tokenize_images` once its arguments are checked and the model is in eval mode."""
+    from tqdm import tqdm
+
+    from .models.vq import images_to_tensor
+
     model_device, model_dtype = _model_place(vq_model)
+    # before any file is written: an image size the tokenizer cannot take fails here, not after the set-up
+    vq_model.encode_to_codes(images_to_tensor(first[:1]).to(model_device, model_dtype))
+    side = first.shape[1]
     record = {"num_images": len(items), "images_sha256": _items_digest(items, folder), "image_size": image_size,
-              "pixels": height, "flip": flip, "ten_crop": range_used, "vq_sha256": _weights_digest(vq_model)}
-    out_root = Path(out_root)
-    name = name or f"images{height}"
+              "pixels": side, "flip": flip, "ten_crop": crop_range, "vq_sha256": _weights_digest(vq_model)}
+    name = name or f"images{side}"
     codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
+    failure: BaseException | None = None
     if rank == 0:
-        _set_up_output(out_root, name, record, classes, overwrite=overwrite, resume=resume)
-    if barrier is not None:
-        barrier()
+        try:
+            _set_up_output(out_root, name, record, classes, overwrite=overwrite, resume=resume)
+        except Exception as error:  # noqa: BLE001 - shared with the other processes below, then raised
+            failure = error
+    if sync is not None:
+        message = sync(None if failure is None else str(failure))
+        if message is not None and failure is None:  # rank 0 refused: every process stops with its reason
+            raise ValueError(message)
+    if failure is not None:
+        raise failure
     if rank != 0:
         _check_output(out_root, name, record)
 
@@ -421,16 +487,14 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
     mine = [i for b in range(rank, num_batches, world_size) for i in range(b * batch_size,
                                                                            min((b + 1) * batch_size, len(items)))]
     todo = [i for i in mine if not (codes_dir / f"{i}.npy").is_file()]
-    loader = DataLoader(_PreparedImages(items, todo, image_size, range_used, height), batch_size=batch_size,
+    loader = DataLoader(_PreparedImages(items, todo, image_size, crop_range, side), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_stack)
-    was_training = vq_model.training
-    vq_model.eval()
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="tokenizing", unit="img",
-               disable=not progress or rank != 0)
-    try:
+    what = f"{len(items)} images" + (f" in {len(classes)} classes" if classes is not None else "")
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"tokenizing {what}", unit="img",
+              disable=not progress or rank != 0) as bar:
         for indices, arrays in loader:  # arrays: uint8 [N, V, S, S, 3], V = 10 ten crops or 1 image
             x = images_to_tensor(arrays.reshape(-1, *arrays.shape[2:])).to(model_device, model_dtype)
-            if ten_crop:  # the ten views of each image, in TenCrop's order
+            if crop_range is not None:  # the ten views of each image, in TenCrop's order
                 codes = vq_model.encode_to_codes(x).reshape(len(indices), arrays.shape[1], -1)
             elif flip:  # each image, then its mirror (LlamaGen: torch.cat([x, torch.flip(x, dims=[-1])]))
                 codes = vq_model.encode_to_codes(torch.cat([x, x.flip(-1)])).reshape(2, len(indices), -1)
@@ -441,7 +505,4 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
             for row, index in enumerate(indices):
                 _save_item(codes_dir, labels_dir, index, codes[row], items[index][1])
             bar.update(len(indices))
-    finally:
-        bar.close()
-        vq_model.train(was_training)
     return codes_dir

@@ -58,7 +58,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from ..hub import load_vq
-    from ..image_codes import tokenize_images
+    from ..image_codes import distributed_sync, tokenize_images
     from ..train import distributed_info, init_distributed
 
     for flag in ("image_size", "batch_size"):
@@ -88,10 +88,9 @@ def run(args) -> int:
         began = time.perf_counter()
         codes_dir = tokenize_images(args.images, vq, args.out, batch_size=args.batch_size,
                                     progress=not args.no_progress, flip=not args.no_flip, ten_crop=args.ten_crop,
-                                    crop_range=args.crop_range,
-                                    image_size=args.image_size, name=args.name,
+                                    crop_range=args.crop_range, image_size=args.image_size, name=args.name,
                                     overwrite=args.overwrite, resume=not args.overwrite, num_workers=args.workers,
-                                    rank=rank, world_size=world, barrier=dist.barrier if world > 1 else None)
+                                    rank=rank, world_size=world, sync=distributed_sync if world > 1 else None)
         if world > 1:
             dist.barrier()
         if rank == 0:
