@@ -365,19 +365,20 @@ def test_sync_gives_every_process_rank_zeros_refusal(tmp_path):
 def test_split_over_processes_equals_one_process(tmp_path):
     vq, images, labels = tiny_vq(), random_images(7), [0, 1, 2, 3, 4, 5, 6]
     one = read_layout(tokenize_images(images, vq, tmp_path / "one", labels=labels, batch_size=2, progress=False))
+    in_turn = dict(labels=labels, batch_size=2, progress=False, world_size=2, sync=lambda message: message)
     with pytest.raises(RuntimeError, match="rank 0 writes it first"):
-        tokenize_images(images, vq, tmp_path / "two", labels=labels, batch_size=2, progress=False, rank=1,
-                        world_size=2)
+        tokenize_images(images, vq, tmp_path / "two", rank=1, **in_turn)
     counts = []
     for rank in (0, 1):  # what two torchrun processes do, one after the other
         counting = CountingVQ(vq)
-        tokenize_images(images, counting, tmp_path / "two", labels=labels, batch_size=2, progress=False,
-                        rank=rank, world_size=2)
+        tokenize_images(images, counting, tmp_path / "two", rank=rank, **in_turn)
         counts.append(counting.calls)
     assert counts == [[1, 4, 4], [1, 4, 2]]  # the check; batches 0 and 2, then 1 and 3 (the last holds one image)
     assert read_layout(tmp_path / "two" / "images16_codes") == one
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size\), got rank=2, world_size=2"):
-        tokenize_images(images, vq, tmp_path / "x", labels=labels, rank=2, world_size=2)
+        tokenize_images(images, vq, tmp_path / "x", labels=labels, rank=2, world_size=2, sync=in_turn["sync"])
+    with pytest.raises(ValueError, match=r"world_size=2 needs sync="):
+        tokenize_images(images, vq, tmp_path / "x", labels=labels, rank=0, world_size=2)
 
 
 def test_worker_processes_give_the_same_files(tmp_path):

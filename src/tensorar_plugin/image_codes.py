@@ -385,7 +385,7 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
         num_workers: DataLoader worker processes that read and crop images while the model encodes
             (0: in this process).
         rank, world_size: this process's share: batches ``rank, rank + world_size, ...`` (torchrun).
-        sync: with several processes writing one output: called by every process once rank 0 has set
+        sync: required with several processes writing one output: called by every process once rank 0 has set
             it up, with rank 0's outcome (its error message, or None) on rank 0; must return rank 0's
             value on every process, like :func:`distributed_sync` does for ``torch.distributed``. So a
             refusal (say, a resume with other settings) is the same ``ValueError`` on every process
@@ -408,6 +408,9 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if world_size > 1 and sync is None:
+        raise ValueError(f"world_size={world_size} needs sync= (image_codes.distributed_sync under torch.distributed): "
+                         f"the processes must learn whether rank 0 set up the output before they write into it")
     if ten_crop:
         if image_size is None:
             raise ValueError("ten_crop=True needs image_size (the size of each of the ten crops)")
