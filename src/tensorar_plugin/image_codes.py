@@ -1,6 +1,6 @@
 """Encode images into LlamaGen's code layout, the data step before fine-tuning: resumable and split over processes.
 
-For every image ``i`` (in a fixed order: sorted class folders, then sorted file paths)::
+For every image ``i`` (in torchvision ``ImageFolder``'s order for a folder, or as given)::
 
     <out_root>/<name>_codes/<i>.npy     int64 (1, n_aug, h*w)   the image and its mirror (n_aug 2), or ten crops
     <out_root>/<name>_labels/<i>.npy    int64 (1,)              the class id
