@@ -15,9 +15,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 __all__ = ["register", "run", "add_model_arguments", "add_device_arguments", "add_sampling_arguments",
-           "sampling_settings", "check_sampling_flags", "resolve_device", "load_model"]
+           "sampling_settings", "check_sampling_flags", "resolve_device", "start_processes", "load_model"]
 
 #: LlamaGen's demo classes (ImageNet ids), used for hub models when --classes is not given
 IMAGENET_DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -103,6 +104,34 @@ def resolve_device(device: str | None) -> str:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}, but MPS is not available here")
     return device
+
+
+class ProcessPlace(NamedTuple):
+    """Where a command runs: its device and dtype, and its place among the torchrun processes."""
+
+    device: str
+    dtype: Any  # a torch.dtype, or None for the model's own
+    rank: int
+    world: int
+    started_group: bool  # this call started the process group (and should destroy it)
+
+
+def start_processes(args) -> ProcessPlace:
+    """The device flags (`add_device_arguments`) applied, under torchrun with a process group started:
+    threads set, the device checked (`cuda` becomes this process's `cuda:<LOCAL_RANK>`), the dtype read."""
+    import torch
+
+    from ..train import distributed_info, init_distributed
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    device = resolve_device(args.device)
+    started = init_distributed(args.device)
+    rank, world, local_rank = distributed_info()
+    if torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = f"cuda:{local_rank}"
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    return ProcessPlace(device, dtype, rank, world, started)
 
 
 def add_device_arguments(p) -> None:

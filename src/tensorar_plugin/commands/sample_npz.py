@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 from .sample import (
-    DTYPES,
     add_device_arguments,
     add_model_arguments,
     add_sampling_arguments,
     check_sampling_flags,
     load_model,
-    resolve_device,
     sampling_settings,
+    start_processes,
 )
 
 __all__ = ["register", "run"]
@@ -59,24 +58,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
     import torch.distributed as dist
 
     from ..evaluation import compute_fid, pack_npz, sample_images
-    from ..train import distributed_info, init_distributed
 
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     check_sampling_flags(args)
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    device = resolve_device(args.device)
-    started = init_distributed(args.device)
-    rank, world, local_rank = distributed_info()
-    if torch.device(device).type == "cuda" and torch.device(device).index is None:
-        device = f"cuda:{local_rank}"
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    device, dtype, rank, world, started = start_processes(args)
     try:
         wrapper, vq, grid, defaults, _, _, desc = load_model(args, device, dtype, fid_defaults=True)
         if wrapper.adapter.num_classes is None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .sample import DTYPES, add_device_arguments, resolve_device
+from .sample import add_device_arguments, start_processes
 
 __all__ = ["register", "run"]
 
@@ -54,12 +54,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
     import torch.distributed as dist
 
     from ..hub import load_vq
     from ..image_codes import distributed_sync, tokenize_images
-    from ..train import distributed_info, init_distributed
 
     for flag in ("image_size", "batch_size"):
         if getattr(args, flag) < 1:
@@ -72,14 +70,7 @@ def run(args) -> int:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if not args.images.is_dir():
         raise ValueError(f"IMAGES {args.images}: not a folder (expected one sub-folder of images per class)")
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    device = resolve_device(args.device)
-    started = init_distributed(args.device)
-    rank, world, local_rank = distributed_info()
-    if torch.device(device).type == "cuda" and torch.device(device).index is None:
-        device = f"cuda:{local_rank}"
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    device, dtype, rank, world, started = start_processes(args)
     try:
         vq = load_vq(args.vq, device=device, dtype=dtype)
         if rank == 0:
