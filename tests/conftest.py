@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 import pytest
 import torch
 
@@ -83,3 +87,26 @@ def cli_error(capsys, monkeypatch):
         return errors[0][len(prefix):]
 
     return run
+
+
+def as_torchrun_process(rank: int, port: int, world: int = 2) -> None:
+    """Set the environment torchrun gives process `rank` of `world` (a gloo group on `port` of this machine)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+
+
+def spawn_processes(worker, *args, world: int = 2, timeout_s: float = 120, what: str = "run") -> None:
+    """Run `worker(rank, port, *args)` in `world` spawned processes (`port`: a free one for their process group);
+    the test fails if they have not finished after `timeout_s` (they are killed then)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.spawn(worker, args=(port, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world}-process {what} did not finish within {timeout_s} s")

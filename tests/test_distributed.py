@@ -10,16 +10,12 @@ differences of near-zero gradients (different reduction order) into full-size pa
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import tiny_llamagen
+from conftest import as_torchrun_process, spawn_processes, tiny_llamagen
 from safetensors.torch import load_file, save_file
 
 from tensorar_plugin import TensorARWrapper
@@ -60,8 +56,7 @@ def plain(wrapper: TensorARWrapper) -> dict[str, torch.Tensor]:
 
 def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+    as_torchrun_process(rank, port, WORLD)
     out = Path(out)
     try:
         # DDP: two optimizer steps (grad accumulation on), a checkpoint after each
@@ -90,12 +85,6 @@ def worker(rank: int, port: int, out: str) -> None:
             dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -108,13 +97,7 @@ def ema_weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    context = mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD}-process run did not finish within {TIMEOUT_S} s")
+    spawn_processes(worker, str(out), world=WORLD, timeout_s=TIMEOUT_S)
     return out
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -15,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import as_torchrun_process, spawn_processes
 from torch import nn
 
 from tensorar_plugin.cli import main as cli_main
@@ -520,24 +517,14 @@ def test_fid_command_without_inception_says_how_to_get_it(tmp_path, monkeypatch,
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    as_torchrun_process(rank, port)
     cli_main(["sample-npz", "--num-samples", "7", "--batch-size", "2", "--out", out, "--device", "cpu",
               "--threads", "1", "--no-progress"])
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 def test_sample_npz_under_two_processes_equals_one(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.spawn(_worker, args=(port, str(tmp_path / "two")), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process sampling did not finish within 120 s")
+    spawn_processes(_worker, str(tmp_path / "two"), what="sampling")
     assert cli_main(["sample-npz", "--num-samples", "7", "--batch-size", "2", "--out", str(tmp_path / "one"),
                      "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:

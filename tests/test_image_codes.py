@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import as_torchrun_process, spawn_processes
 from safetensors.torch import save_file
 
 from tensorar_plugin.cli import main as cli_main
@@ -449,24 +446,14 @@ def test_tokenize_command_errors(tmp_path, cli_error):
 
 
 def _tokenize_worker(rank: int, port: int, folder: str, out: str, vq: str, extra: tuple[str, ...] = ()) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    as_torchrun_process(rank, port)
     code = cli_main(tokenize_argv(Path(folder), Path(out), Path(vq), *extra))
     Path(out, f"exit_code_{rank}").write_text(str(code))
 
 
 def run_two_processes(folder: Path, out: Path, vq: Path, *extra: str) -> list[str]:
     """`tensorar tokenize` as two torchrun processes (gloo): their exit codes."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.spawn(_tokenize_worker, args=(port, str(folder), str(out), str(vq), extra), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process tokenizing did not finish within 120 s")
+    spawn_processes(_tokenize_worker, str(folder), str(out), str(vq), extra, what="tokenizing")
     return [Path(out, f"exit_code_{rank}").read_text() for rank in (0, 1)]
 
 
