@@ -385,10 +385,10 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
         num_workers: DataLoader worker processes that read and crop images while the model encodes
             (0: in this process).
         rank, world_size: this process's share: batches ``rank, rank + world_size, ...`` (torchrun).
-        sync: required with several processes writing one output: called by every process once rank 0 has set
-            it up, with rank 0's outcome (its error message, or None) on rank 0; must return rank 0's
-            value on every process, like :func:`distributed_sync` does for ``torch.distributed``. So a
-            refusal (say, a resume with other settings) is the same ``ValueError`` on every process
+        sync: required when several processes write one output: called by every process once rank 0
+            has set it up, with rank 0's outcome (its error message, or None) on rank 0; must return
+            rank 0's value on every process, as :func:`distributed_sync` does for ``torch.distributed``.
+            So a refusal (say, a resume with other settings) is the same ``ValueError`` on every process
             instead of one error and processes waiting for rank 0.
 
     Files are ``<i>.npy`` of shape ``(1, n_aug, h*w)`` (int64) and labels of shape ``(1,)``, exactly
@@ -396,8 +396,6 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
     them, and so does LlamaGen's own ``train_c2i.py`` for ImageNet (which hard-codes the folder names
     ``imagenet<size>_codes`` / ``_labels``: pass ``name="imagenet256"``).
     """
-
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if image_size is not None:
