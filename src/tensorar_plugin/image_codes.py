@@ -271,6 +271,7 @@ def _set_up_output(out_root: Path, name: str, record: dict[str, Any], classes: l
     finished = next(_npy_files(codes_dir, finished_only=True), None) is not None
     if record_path.is_file() and finished and not overwrite:
         _check_resumable(record_path, _read_record(record_path), record, codes_dir, resume)
+        labels_dir.mkdir(exist_ok=True)
         return
     if not overwrite and not record_path.is_file():
         for folder in (codes_dir, labels_dir):
