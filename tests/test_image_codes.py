@@ -470,3 +470,16 @@ def test_tokenize_command_under_two_processes_equals_one(tmp_path, capfd):
     assert run_two_processes(folder, tmp_path / "two", vq, "--no-flip") == ["2", "2"]
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("tensorar tokenize: error:")]
     assert len(errors) == 2 and all("(flip: True there, False now)" in line for line in errors)
+
+
+def test_resume_restores_missing_labels_and_takes_path_objects(tmp_path):
+    import shutil
+
+    folder = image_folder(tmp_path / "images", {"ant": 2, "bee": 2})
+    paths = sorted((folder / "ant").iterdir()) + sorted((folder / "bee").iterdir())
+    vq = tiny_vq()
+    codes_dir = tokenize_images(paths, vq, tmp_path / "out", labels=[0, 0, 1, 1], image_size=16, progress=False)
+    complete = read_layout(codes_dir)
+    shutil.rmtree(tmp_path / "out" / "images16_labels")
+    tokenize_images(paths, vq, tmp_path / "out", labels=[0, 0, 1, 1], image_size=16, progress=False, resume=True)
+    assert read_layout(codes_dir) == complete

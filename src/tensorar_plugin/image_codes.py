@@ -210,6 +210,8 @@ def _stack(batch: list[tuple[int, np.ndarray]]) -> tuple[list[int], np.ndarray]:
 
 def _item_key(item: Any, prefix: str) -> str:
     """A file's path inside the image folder (`prefix`: the folder and a separator); an in-memory image's hash."""
+    if isinstance(item, os.PathLike):
+        item = os.fspath(item)
     if isinstance(item, str):
         return item[len(prefix):].replace(os.sep, "/")
     if isinstance(item, np.ndarray):
@@ -488,7 +490,8 @@ def _encode_all(items: list[tuple[Any, int]], classes: list[str] | None, folder:
     num_batches = -(-len(items) // batch_size)
     mine = [i for b in range(rank, num_batches, world_size) for i in range(b * batch_size,
                                                                            min((b + 1) * batch_size, len(items)))]
-    todo = [i for i in mine if not (codes_dir / f"{i}.npy").is_file()]
+    labelled = {path.name for path in _npy_files(labels_dir, finished_only=True)}
+    todo = [i for i in mine if f"{i}.npy" not in labelled or not (codes_dir / f"{i}.npy").is_file()]
     loader = DataLoader(_PreparedImages(items, todo, image_size, crop_range, side), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_stack)
     what = f"{len(items)} images" + (f" in {len(classes)} classes" if classes is not None else "")
