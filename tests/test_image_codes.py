@@ -233,6 +233,22 @@ def test_ten_crop_tokenizing_matches_llamagens_pipeline(tmp_path):
                         progress=False)
 
 
+def test_ten_crops_reach_the_tokenizer_in_pieces_of_two_views_per_image(tmp_path):
+    """The tokenizer's memory use must not grow tenfold with ten_crop: at most 2 * batch_size views per call."""
+    images, labels = random_images(3, size=20), [0, 1, 2]
+    counting = CountingVQ(tiny_vq())
+    codes_dir = tokenize_images(images, counting, tmp_path / "small", labels=labels, image_size=16, ten_crop=True,
+                                batch_size=2, progress=False)
+    assert counting.calls == [1, 4, 4, 4, 4, 4, 4, 4, 2]  # the check, then 20 views and 10 views in pieces of 4
+    whole = tokenize_images(images, tiny_vq(), tmp_path / "whole", labels=labels, image_size=16, ten_crop=True,
+                            batch_size=8, progress=False)
+    assert read_layout(codes_dir).values() and list(read_layout(codes_dir).values()) == \
+        list(read_layout(whole).values())
+    flipped = CountingVQ(tiny_vq())
+    tokenize_images(images, flipped, tmp_path / "flip", labels=labels, image_size=16, batch_size=2, progress=False)
+    assert flipped.calls == [1, 4, 2]  # an image and its mirror: one call per batch, as before
+
+
 def test_ten_crop_errors(tmp_path):
     images, vq = random_images(2), tiny_vq()
     with pytest.raises(ValueError, match="ten_crop=True needs image_size"):
@@ -307,7 +323,9 @@ def test_resume_of_codes_without_a_record_is_refused(tmp_path):
     (tmp_path / "images16_codes").mkdir()
     np.save(tmp_path / "images16_codes" / "0.npy", np.zeros((1, 2, 16), np.int64))  # e.g. made by LlamaGen
     with pytest.raises(ValueError, match=r"images16_codes: already holds 1 \.npy files and no record of how they "
-                                         r"were made, so they cannot be resumed; overwrite=True \(`--overwrite`\)"):
+                                         r"were made, so they cannot be resumed\. Codes made elsewhere .* need no "
+                                         r"tokenizing: fine-tune on them as they are \(`tensorar finetune --codes "
+                                         r".*`\); or choose another out_root / name .* or overwrite=True"):
         tokenize_images(random_images(2), tiny_vq(), tmp_path, labels=[0, 1], progress=False, resume=True)
 
 
@@ -440,6 +458,14 @@ def test_tokenize_command_errors(tmp_path, cli_error):
         "--ten-crop stores mirrored crops by itself")
     assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--ten-crop", "--crop-range", "0.5")) == \
         "--crop-range must be in [1, 4), got 0.5"
+    assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--crop-range", "1.05")) == \
+        "--crop-range only applies with --ten-crop (the crop its ten views are cut from)"
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "images16_codes").write_text("a file where the codes folder goes")
+    assert cli_error(tokenize_argv(folder, tmp_path / "taken", vq)).startswith(
+        f"{tmp_path / 'taken' / 'images16_codes'}: a file is where the output folder goes; choose another")
+    assert cli_error(tokenize_argv(folder, tmp_path / "file", vq)).startswith(f"{tmp_path / 'file'}: a file is where")
     assert cli_main(tokenize_argv(folder, tmp_path / "out", vq)) == 0
     message = cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--no-flip"))
     assert "other images or settings (flip: True there, False now)" in message

@@ -17,7 +17,8 @@ import sys
 from . import __version__
 
 #: exceptions that report a mistake in the command's input (a path, a value): one `error:` line, exit code 2
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
 
 #: command modules, in the order `tensorar --help` lists them
 COMMAND_MODULES = (

@@ -244,15 +244,16 @@ def _weights_digest(model: nn.Module) -> str:
 
 
 #: the ways out of a refused output, named for the Python API and for `tensorar tokenize` alike
-_START_AGAIN = "overwrite=True (`--overwrite`) starts again"
-_ELSEWHERE = "or choose another out_root / name (`--out` / `--name`)"
+_START_AGAIN = "overwrite=True (`--overwrite`) deletes them and starts again"
+_ELSEWHERE = "choose another out_root / name (`--out` / `--name`) to write beside them"
 
 
 def _read_record(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable record of a tokenization ({exc}); {_START_AGAIN}") from exc
+        raise ValueError(f"{path}: unreadable record of a tokenization ({exc}); {_ELSEWHERE}, or "
+                         f"{_START_AGAIN}") from exc
 
 
 def _npy_files(folder: Path, *, finished_only: bool = False) -> Iterator[Path]:
@@ -270,6 +271,9 @@ def _set_up_output(out_root: Path, name: str, record: dict[str, Any], classes: l
     check that `resume` continues the run the record describes; a ValueError when the output must stay as is."""
     codes_dir, labels_dir = out_root / f"{name}{CODES_SUFFIX}", out_root / f"{name}{LABELS_SUFFIX}"
     record_path = out_root / f"{name}{RECORD_SUFFIX}"
+    for path in (out_root, codes_dir, labels_dir):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path}: a file is where the output folder goes; {_ELSEWHERE}")
     finished = next(_npy_files(codes_dir, finished_only=True), None) is not None
     if record_path.is_file() and finished and not overwrite:
         _check_resumable(record_path, _read_record(record_path), record, codes_dir, resume)
@@ -281,7 +285,9 @@ def _set_up_output(out_root: Path, name: str, record: dict[str, Any], classes: l
             if count:
                 raise ValueError(f"{folder}: already holds {count} .npy files"
                                  + (" and no record of how they were made, so they cannot be resumed"
-                                    if resume else "") + f"; {_START_AGAIN}, {_ELSEWHERE}")
+                                    if resume else "") + f". Codes made elsewhere (LlamaGen's extract_codes_c2i.py, "
+                                 f"say) need no tokenizing: fine-tune on them as they are (`tensorar finetune "
+                                 f"--codes {out_root}`); or {_ELSEWHERE}, or {_START_AGAIN}")
     # a new output, or one to wipe: asked to, or a run that stopped before it finished any image
     for path in [*_npy_files(codes_dir), *_npy_files(labels_dir)]:
         path.unlink()
@@ -303,12 +309,12 @@ def _check_resumable(record_path: Path, saved: dict[str, Any], record: dict[str,
         done = sum(1 for _ in _npy_files(codes_dir, finished_only=True))
         raise ValueError(f"{codes_dir}: already holds {done} .npy files (codes of {done} of "
                          f"{saved.get('num_images')} images); resume=True finishes them (`tensorar tokenize` "
-                         f"resumes by default), {_START_AGAIN}, {_ELSEWHERE}")
+                         f"resumes by default), or {_ELSEWHERE}, or {_START_AGAIN}")
     differ = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k)!r} there, {record.get(k)!r} now" for k in differ)
         raise ValueError(f"{record_path}: the codes there were made from other images or settings ({detail}); "
-                         f"resume with the same images, tokenizer and settings, or {_START_AGAIN}, {_ELSEWHERE}")
+                         f"resume with the same images, tokenizer and settings, or {_ELSEWHERE}, or {_START_AGAIN}")
 
 
 def _check_output(out_root: Path, name: str, record: dict[str, Any]) -> None:
@@ -349,6 +355,12 @@ def _save_item(codes_dir: Path, labels_dir: Path, index: int, codes: np.ndarray,
         np.save(tmp, codes[None], allow_pickle=False)
 
 
+def _encode(vq_model: nn.Module, views: torch.Tensor, max_views: int) -> torch.Tensor:
+    """Codes of `views` [V, 3, S, S], at most `max_views` per call to the tokenizer (its activations at
+    full resolution are what fills the GPU, so ten crops of a batch must not go in at once)."""
+    return torch.cat([vq_model.encode_to_codes(part) for part in views.split(max_views)])
+
+
 @torch.no_grad()
 def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | os.PathLike[str],
                     labels: Any = None, *, batch_size: int = 32, device: str | torch.device | None = None,
@@ -366,7 +378,9 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
             uint8 arrays together with ``labels``.
         vq_model: a :class:`~tensorar_plugin.models.vq.VQModel` (anything with ``encode_to_codes``).
         labels: class ids for in-memory images (not allowed with a folder).
-        batch_size: images encoded at once.
+        batch_size: images read per step. The tokenizer takes at most ``2 * batch_size`` views per call
+            (each image and its mirror), so with `ten_crop` a step's views are encoded in pieces and
+            the memory a batch size needs does not depend on `ten_crop`.
         device: where to encode; the model is moved there. Default: where the model is.
         progress: show a tqdm progress bar (rank 0 only).
         flip: also store the horizontally flipped image as a second augmentation (LlamaGen does).
@@ -487,6 +501,7 @@ def _encode_all(items: list[tuple[Any, int]], classes: list[str] | None, folder:
     if rank != 0:
         _check_output(out_root, name, record)
 
+    max_views = 2 * batch_size  # an image and its mirror: ten crops are encoded in pieces of this size
     num_batches = -(-len(items) // batch_size)
     mine = [i for b in range(rank, num_batches, world_size) for i in range(b * batch_size,
                                                                            min((b + 1) * batch_size, len(items)))]
@@ -500,12 +515,12 @@ def _encode_all(items: list[tuple[Any, int]], classes: list[str] | None, folder:
         for indices, arrays in loader:  # arrays: uint8 [N, V, S, S, 3], V = 10 ten crops or 1 image
             x = images_to_tensor(arrays.reshape(-1, *arrays.shape[2:])).to(model_device, model_dtype)
             if crop_range is not None:  # the ten views of each image, in TenCrop's order
-                codes = vq_model.encode_to_codes(x).reshape(len(indices), arrays.shape[1], -1)
+                codes = _encode(vq_model, x, max_views).reshape(len(indices), arrays.shape[1], -1)
             elif flip:  # each image, then its mirror (LlamaGen: torch.cat([x, torch.flip(x, dims=[-1])]))
-                codes = vq_model.encode_to_codes(torch.cat([x, x.flip(-1)])).reshape(2, len(indices), -1)
+                codes = _encode(vq_model, torch.cat([x, x.flip(-1)]), max_views).reshape(2, len(indices), -1)
                 codes = codes.transpose(0, 1)
             else:
-                codes = vq_model.encode_to_codes(x).reshape(len(indices), 1, -1)
+                codes = _encode(vq_model, x, max_views).reshape(len(indices), 1, -1)
             codes = codes.to(torch.int64).cpu().numpy()
             for row, index in enumerate(indices):
                 _save_item(codes_dir, labels_dir, index, codes[row], items[index][1])

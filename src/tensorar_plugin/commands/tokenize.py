@@ -37,14 +37,16 @@ def register(subparsers) -> None:
     p.add_argument("--image-size", type=int, default=256,
                    help="resize and center-crop to this size (default 256; 384 for LlamaGen's 384-px models)")
     p.add_argument("--name", default=None, help="folder prefix (default images<image size>)")
-    p.add_argument("--batch-size", type=int, default=64, help="images encoded at once per process (default 64)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per step and process; the tokenizer takes at most twice as many views at once "
+                        "(an image and its mirror), with --ten-crop too (default 64)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="processes that read and crop images per encoding process (default: up to 4)")
     p.add_argument("--no-flip", action="store_true", help="do not store the mirrored image as a second view")
     p.add_argument("--ten-crop", action="store_true",
                    help="store ten views per image as LlamaGen's --ten-crop: the corners and centre of a "
                         "--crop-range larger center crop, and of its mirror")
-    p.add_argument("--crop-range", type=float, default=1.1,
+    p.add_argument("--crop-range", type=float, default=None,
                    help="with --ten-crop: the crop the views are cut from, relative to --image-size (default 1.1)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the codes already under --out/--name and start again (default: resume)")
@@ -64,8 +66,11 @@ def run(args) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.ten_crop and args.no_flip:
         raise ValueError("--ten-crop stores mirrored crops by itself (five of the ten views): drop --no-flip")
-    if args.ten_crop and not 1.0 <= args.crop_range < 4.0:
-        raise ValueError(f"--crop-range must be in [1, 4), got {args.crop_range}")
+    if args.crop_range is not None and not args.ten_crop:
+        raise ValueError("--crop-range only applies with --ten-crop (the crop its ten views are cut from)")
+    crop_range = 1.1 if args.crop_range is None else args.crop_range
+    if not 1.0 <= crop_range < 4.0:
+        raise ValueError(f"--crop-range must be in [1, 4), got {crop_range}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if not args.images.is_dir():
@@ -79,7 +84,7 @@ def run(args) -> int:
         began = time.perf_counter()
         codes_dir = tokenize_images(args.images, vq, args.out, batch_size=args.batch_size,
                                     progress=not args.no_progress, flip=not args.no_flip, ten_crop=args.ten_crop,
-                                    crop_range=args.crop_range, image_size=args.image_size, name=args.name,
+                                    crop_range=crop_range, image_size=args.image_size, name=args.name,
                                     overwrite=args.overwrite, resume=not args.overwrite, num_workers=args.workers,
                                     rank=rank, world_size=world, sync=distributed_sync if world > 1 else None)
         if world > 1:
