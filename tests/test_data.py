@@ -91,8 +91,40 @@ def test_code_sets_pick_a_set_then_a_view_uniformly_and_reproducibly(tmp_path):
     assert picks(build()) == first  # reproducible, whatever the read order
     ds.set_epoch(1)
     assert picks(ds) != first and picks(build(seed=1)) != first
-    assert set(picks(build(augment=False))) == {(0, 0)}
     assert repr(ds).startswith("CodeSetsDataset([") and "items=2000" in repr(ds)
+
+
+def test_code_sets_leave_their_members_as_they_were(tmp_path):
+    labels = list(range(40))
+    a = CodesDataset(write_layout(tmp_path / "a", llamagen_codes(n=40, n_aug=2, seed=1), labels, name="a"), seed=5)
+    b = CodesDataset(write_layout(tmp_path / "b", llamagen_codes(n=40, n_aug=2, seed=2), labels, name="b"),
+                     augment=False)
+    alone = [a[i][0] for i in range(40)]
+    both = CodeSetsDataset([a, b], seed=0)
+    both.set_epoch(3)
+    [both[i] for i in range(40)]
+    assert (a.seed, a.augment, a.epoch, b.seed, b.augment, b.epoch) == (5, True, 0, 0, False, 0)
+    assert all(torch.equal(a[i][0], alone[i]) for i in range(40))  # a member still serves its own views
+    # the choices follow the CodeSetsDataset's seed and flag alone: members made otherwise give the same items
+    plain = CodeSetsDataset([CodesDataset(a.codes_dir), CodesDataset(b.codes_dir)], seed=0)
+    plain.set_epoch(3)
+    assert all(torch.equal(both[i][0], plain[i][0]) for i in range(40))
+    views_of_b = {v for i in range(40) for v, row in enumerate(b._read_codes(i)) if np.array_equal(row, both[i][0])}
+    assert views_of_b == {0, 1}  # b's own augment=False does not pin the views read from it to the first
+
+
+def test_code_sets_refuse_augment_off_with_several_sets_and_warn_on_uneven_views(tmp_path):
+    labels = [0, 1, 2, 3]
+    a = CodesDataset(write_layout(tmp_path / "a", llamagen_codes(n=4, n_aug=2), labels, name="a"))
+    ten = CodesDataset(write_layout(tmp_path / "t", llamagen_codes(n=4, n_aug=10), labels, name="t"))
+    with pytest.raises(ValueError, match=r"augment=False always reads the first view of the first set, so the other "
+                                         r"1 set\(s\) would never be read"):
+        CodeSetsDataset([a, a], augment=False)
+    single = CodeSetsDataset([a], augment=False)
+    assert all(torch.equal(single[i][0], torch.from_numpy(a._read_codes(i)[0])) for i in range(4))
+    with pytest.warns(UserWarning, match=r"different numbers of views per image \(.*a_codes 2, .*t_codes 10\).*"
+                                         r"read 5x as often"):
+        CodeSetsDataset([a, ten])
 
 
 def test_code_sets_must_hold_the_same_images(tmp_path):

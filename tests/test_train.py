@@ -336,6 +336,13 @@ def test_cli_finetune_reads_several_code_sets_of_the_same_images(tmp_path, capsy
     message = cli_error([*common, "--out", str(tmp_path / "run2"), "--codes", str(tmp_path / "crop110"),
                          str(tmp_path / "fewer")])
     assert "must hold the same images: 8 and 12 items" in message
+    assert cli_error([*common, "--codes", str(tmp_path / "crop110"), str(tmp_path / "crop105"),
+                      "--no-augment"]).startswith("--no-augment always reads the first view of the first --codes "
+                                                  "folder, so the other 1 would never be read")
+    # resuming on other codes is allowed, and said
+    with pytest.warns(UserWarning, match=r"checkpoint-1 was saved by a run with other settings than this one: codes "
+                                         r"\[.*crop105'\] -> '.*crop110'; continuing with this run's"):
+        assert main([*common, "--steps", "2", "--resume", "latest", "--codes", str(tmp_path / "crop110")]) == 0
 
 
 def test_cli_finetune_training_settings_are_saved_and_kept_by_init_from(tmp_path, capsys):

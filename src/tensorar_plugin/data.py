@@ -267,17 +267,23 @@ class CodeSetsDataset(_AugmentedDataset):
     """Several code sets of the same images, e.g. LlamaGen's ten crops at crop ranges 1.1 and 1.05.
 
     Each item reads one set, chosen uniformly, then one of that set's views, as LlamaGen's ImageNet
-    dataset does with its ``ten_crop`` and ``ten_crop_105`` folders. Both choices are seeded by
-    ``(seed, epoch, index)`` like :class:`CodesDataset`'s (independent streams), so they do not depend on
-    workers or read order, and a resumed run sees the same. The sets must list the same items with the
-    same grid; an item whose label differs between sets is a ``ValueError`` naming both files. The sets
-    take this dataset's `seed` and `augment` (``tensorar finetune --codes A B`` builds one).
+    dataset does with its ``ten_crop`` and ``ten_crop_105`` folders. Both choices are made here, seeded
+    by ``(seed, epoch, index)`` like :class:`CodesDataset`'s (independent streams), so they do not depend
+    on workers or read order, and a resumed run sees the same; the member datasets only read files (their
+    own `seed`, `augment` and epoch are neither used nor changed). The sets must list the same items with
+    the same grid; an item whose label differs between sets is a ``ValueError`` naming both files.
+    Sets with different numbers of views are allowed with a warning: each set gets the same share of
+    the items, so a view of the smaller set is read more often. ``augment=False`` (always the first view
+    of the first set) takes a single set only: with more, the others would never be read.
     """
 
     def __init__(self, sets: Sequence[CodesDataset], *, seed: int = 0, augment: bool = True):
         sets = list(sets)
         if not sets or not all(isinstance(d, CodesDataset) for d in sets):
             raise ValueError("sets must be a non-empty sequence of CodesDataset")
+        if not augment and len(sets) > 1:
+            raise ValueError(f"augment=False always reads the first view of the first set, so the other "
+                             f"{len(sets) - 1} set(s) would never be read: pass one set, or augment=True")
         first = sets[0]
         for other in sets[1:]:
             if other.indices != first.indices:
@@ -288,18 +294,17 @@ class CodeSetsDataset(_AugmentedDataset):
             if other.num_tokens != first.num_tokens:
                 raise ValueError(f"{other.codes_dir} has {other.num_tokens} tokens per image, {first.codes_dir} "
                                  f"{first.num_tokens}: code sets of one dataset need one grid")
+        views = [d.num_augmentations for d in sets]
+        if len(set(views)) > 1:
+            listed = ", ".join(f"{d.codes_dir} {d.num_augmentations}" for d in sets)
+            warnings.warn(f"the code sets hold different numbers of views per image ({listed}): each set is read "
+                          f"for the same share of items, so one view of a smaller set is read "
+                          f"{max(views) / min(views):g}x as often as one of the largest", stacklevel=2)
         self.sets = sets
         self.seed = int(seed)
         self.augment = augment
         self.epoch = 0
         self.num_tokens = first.num_tokens
-        for dataset in sets:  # the sets' own view choices follow this dataset's seed and flag
-            dataset.seed, dataset.augment = self.seed, augment
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        for dataset in self.sets:
-            dataset.set_epoch(epoch)
 
     def _pick_set(self, index: int) -> int:
         if not self.augment or len(self.sets) == 1:
@@ -316,11 +321,12 @@ class CodeSetsDataset(_AugmentedDataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         index %= len(self)
         chosen = self.sets[self._pick_set(index)]
-        codes, label = chosen[index]
-        if chosen is not self.sets[0] and int(label) != self.sets[0]._read_label(index):
+        codes, label = chosen._read_codes(index), chosen._read_label(index)
+        if chosen is not self.sets[0] and label != self.sets[0]._read_label(index):
             raise ValueError(f"{chosen.label_path(index)} and {self.sets[0].label_path(index)}: the code sets disagree "
                              f"on the class of this image; they must hold the same images in the same order")
-        return codes, label
+        row = codes[self._augmentation(index, codes.shape[0])]
+        return torch.from_numpy(row.astype(np.int64)), torch.tensor(label, dtype=torch.long)
 
     def verify(self, progress: bool = True) -> None:
         """Read and check every file of every set, and that the sets agree on every label."""

@@ -844,10 +844,24 @@ class Trainer:
                           f"({state.get('dataset_len')} items / {state.get('batches_per_epoch')} batches per epoch "
                           f"then, {self.dataset_len} / {self.batches_per_epoch} now): the data order differs from "
                           f"the original run", stacklevel=2)
+        self._warn_on_changed_extra(state.get("config", {}).get("extra"), directory)
         if self.is_main:
             self._truncate_metrics()
         self._log(f"resumed from {directory} at step {self.step}")
         return directory
+
+    def _warn_on_changed_extra(self, saved: dict[str, Any] | None, directory: Path) -> None:
+        """`TrainConfig.extra` records what the caller trains on (`tensorar finetune`: model, codes, window):
+        a resume where it differs continues on other data or settings, which is allowed but should not pass
+        unnoticed."""
+        if saved is None:
+            return
+        now = json.loads(json.dumps(self.config.extra, default=str))  # as it would be saved
+        changes = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
+                   if saved.get(key) != now.get(key)]
+        if changes:
+            warnings.warn(f"{directory} was saved by a run with other settings than this one: {', '.join(changes)}; "
+                          f"continuing with this run's", stacklevel=3)
 
     def _apply_requested_hyperparameters(self, directory: Path) -> None:
         """Loading the optimizer and scheduler brings back the checkpoint's learning rate, schedule and

@@ -185,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     log = logging.getLogger("tensorar_plugin.finetune")
     try:
+        if args.no_augment and len(args.codes) > 1:
+            raise ValueError(f"--no-augment always reads the first view of the first --codes folder, so the other "
+                             f"{len(args.codes) - 1} would never be read: pass one --codes folder, or drop "
+                             f"--no-augment")
         overrides = parse_overrides(args.model_config)
         model = load_llamagen(args.model, preset=args.preset, image_size=args.image_size, cache_dir=args.cache_dir,
                               local_files_only=args.local_files_only, **overrides)
