@@ -172,6 +172,23 @@ def test_unreadable_files_and_odd_inputs_are_named(tmp_path):
     assert np.load(codes_dir / "0.npy").shape == (1, 2, 16)
 
 
+def test_sixteen_bit_grey_images_keep_their_high_byte_and_float_images_are_refused(tmp_path):
+    from PIL import Image
+
+    grey8 = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    folder = tmp_path / "images" / "ant"
+    folder.mkdir(parents=True)
+    Image.fromarray(grey8).save(folder / "a8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 256 + 100).save(folder / "b16.png")  # same high byte, 16 bits
+    assert Image.open(folder / "b16.png").mode == "I;16"
+    vq = tiny_vq()
+    codes_dir = tokenize_images(tmp_path / "images", vq, tmp_path / "out", progress=False)
+    assert np.array_equal(np.load(codes_dir / "0.npy"), np.load(codes_dir / "1.npy"))
+    Image.fromarray(grey8.astype(np.float32)).save(folder / "c.tiff")
+    with pytest.raises(ValueError, match=r"ant/c\.tiff: floating-point image \(mode F\); convert it to 8-bit"):
+        tokenize_images(tmp_path / "images", vq, tmp_path / "out2", progress=False)
+
+
 def test_overwrite_removes_the_class_names_of_an_earlier_folder_run(tmp_path):
     folder = image_folder(tmp_path / "images", {"ant": 1, "bee": 1}, size=16)
     tokenize_images(folder, tiny_vq(), tmp_path / "out", image_size=16, progress=False)

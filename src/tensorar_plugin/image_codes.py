@@ -141,13 +141,10 @@ def _prepare(item: Any, image_size: int | None, where: str) -> np.ndarray:
     from PIL import Image
 
     if isinstance(item, (str, os.PathLike)):
-        try:
-            with Image.open(item) as img:
-                image = img.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - a damaged file makes PIL raise many kinds; each must name the file
-            raise ValueError(f"{where}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        with _open_image(item, where) as opened:
+            image = _to_rgb(opened, where)
     elif isinstance(item, Image.Image):
-        image = item.convert("RGB")
+        image = _to_rgb(item, where)
     elif isinstance(item, np.ndarray):
         if item.dtype != np.uint8:
             raise ValueError(f"{where}: image arrays must be uint8, got {item.dtype}")
@@ -163,6 +160,36 @@ def _prepare(item: Any, image_size: int | None, where: str) -> np.ndarray:
     if image_size is not None:
         image = center_crop(image, image_size)
     return np.asarray(image)
+
+
+def _open_image(path: str | os.PathLike[str], where: str) -> Any:
+    """The decoded PIL image of a file; any failure (PIL raises many kinds for a damaged file) names the file."""
+    from PIL import Image
+
+    image = None
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except Exception as exc:  # noqa: BLE001
+        if image is not None:
+            image.close()
+        raise ValueError(f"{where}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
+def _to_rgb(image: Any, where: str) -> Any:
+    """A PIL image as 8-bit RGB. 16-bit greyscale (PNG, TIFF) keeps its high byte: PIL's own ``convert("RGB")``,
+    which LlamaGen's pipeline uses, clips it to 255 and turns most such images white. Float images are refused."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # "I;16", "I;16B", ... and "I" (32-bit, how some readers give 16-bit files)
+        values = np.asarray(image).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{where}: {image.mode} image with values outside 0..65535; convert it to 8-bit first")
+        image = Image.fromarray((values >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError(f"{where}: floating-point image (mode F); convert it to 8-bit first")
+    return image.convert("RGB")
 
 
 def _crop_size(image_size: int, crop_range: float) -> int:
