@@ -195,6 +195,7 @@ def test_state_dict_round_trip_strict(tmp_path):
         ({"vocab_size": 0}, "vocab_size"),
         ({"token_dropout_p": 1.5}, "token_dropout_p"),
         ({"dim": 24, "n_head": 4}, "dim"),  # head_dim 6 is not divisible by 4
+        ({"cls_token_num": 2}, "cls_token_num"),  # a class label is one token
     ],
 )
 def test_bad_config_raises_value_error_naming_field(overrides, field):

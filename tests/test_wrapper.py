@@ -50,6 +50,21 @@ def test_fresh_wrapper_slot_zero_equals_base_in_train_and_eval(window):
     assert not torch.allclose(moved.logits[:, :, 0], base_logits)
 
 
+@pytest.mark.parametrize("window", [2, 4])
+def test_fresh_wrapper_with_dropout_equals_base_in_training_when_noise_has_its_own_generator(window):
+    """Noise drawn from `generator=` leaves the global RNG, hence every dropout mask, where the base has it."""
+    base = tiny_llamagen(token_dropout_p=0.2, resid_dropout_p=0.2, ffn_dropout_p=0.2).train()
+    wrapper = TensorARWrapper(base, window=window).train()
+    tokens, cond = batch()
+    torch.manual_seed(7)
+    base_logits, _ = base(tokens[:, :-1], cond, targets=tokens)
+    torch.manual_seed(7)
+    out = wrapper(tokens, cond, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.logits[:, :, 0], base_logits)
+    torch.manual_seed(7)  # without a generator the noise draws shift the dropout masks that follow
+    assert not torch.equal(wrapper(tokens, cond).logits[:, :, 0], base_logits)
+
+
 def test_windows_and_targets_layout():
     tokens = torch.tensor([[10, 11, 12, 13, 14]])
     inputs = input_windows(tokens, 3)
@@ -214,6 +229,14 @@ def test_duck_typed_reference_style_model_is_adapted():
         gen = wrapper.generate(cond, greedy=True)
         again = wrapper.generate(cond, greedy=True, use_cache=False)
     assert torch.equal(gen, again)
+
+
+def test_class_conditional_reference_model_with_several_condition_tokens_is_refused():
+    """A c2i label embedding yields one token; cls_token_num=2 would shift every image position by one."""
+    foreign = ForeignGPT(tiny_llamagen())
+    foreign.cls_token_num = 2
+    with pytest.raises(ValueError, match="cls_token_num == 1.*got cls_token_num=2"):
+        TensorARWrapper(foreign, window=3)
 
 
 def test_unknown_model_type_error_lists_what_was_looked_for():

@@ -24,6 +24,12 @@ class LlamaGenAdapter(BackboneAdapter):
     required_attributes = ("tok_embeddings", "cls_embedding", "tok_dropout", "layers", "norm", "output",
                            "freqs_cis", "setup_caches", "cls_token_num", "model_type")
 
+    def __init__(self, model):
+        super().__init__(model)
+        if model.model_type == "c2i" and int(model.cls_token_num) != 1:
+            raise ValueError(f"a class-conditional LlamaGen model needs cls_token_num == 1 (its label embedding "
+                             f"is one token), got cls_token_num={model.cls_token_num}")
+
     # -- sizes -------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:

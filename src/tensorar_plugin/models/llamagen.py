@@ -86,6 +86,11 @@ class LlamaGenConfig:
             )
         if self.model_type not in ("c2i", "t2i"):
             raise ValueError(f"LlamaGenConfig.model_type must be 'c2i' or 't2i', got {self.model_type!r}")
+        if self.model_type == "c2i" and self.cls_token_num != 1:
+            raise ValueError(
+                f"LlamaGenConfig.cls_token_num must be 1 for model_type='c2i' (a class label is one token), "
+                f"got {self.cls_token_num}"
+            )
         for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p",
                      "drop_path_rate", "class_dropout_prob"):
             value = getattr(self, name)
