@@ -97,6 +97,34 @@ def test_resume_latest_without_checkpoints_starts_fresh_and_bad_paths_fail(tmp_p
     assert find_latest_checkpoint(tmp_path / "nothing") is None
 
 
+def test_a_new_run_over_an_earlier_one_is_refused_unless_resumed_or_overwritten(tmp_path):
+    data = random_dataset()
+    Trainer(make_wrapper(), data, config(tmp_path, ckpt_every=2, max_steps=4)).train()
+    run = tmp_path / "run"
+    before = {p.name for p in run.iterdir()}
+    assert {"metrics.jsonl", "checkpoint-2", "checkpoint-4", "final"} <= before
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(metrics.jsonl, checkpoint-2/, checkpoint-4/, "
+                                              r"final/\).*resume_from='latest'.*overwrite=True"):
+        Trainer(make_wrapper(), data, config(tmp_path, max_steps=3))
+    assert {p.name for p in run.iterdir()} == before  # refused before touching anything
+
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=3, overwrite=True)).train()
+    assert not (run / "checkpoint-2").exists() and not (run / "checkpoint-4").exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3]  # the earlier run's lines are gone, not mixed with these
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=3, resume_from="latest"))  # resuming is allowed
+    Trainer(make_wrapper(), data, config(tmp_path, "empty_dir", max_steps=3))  # so is a folder without a run
+
+
+def test_resume_latest_before_any_checkpoint_drops_the_stopped_runs_metrics(tmp_path):
+    data = random_dataset()
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=6, ckpt_every=0)).train(until_step=4)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text()  # stopped before its first checkpoint
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=4, resume_from="latest")).train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
 def test_resume_on_another_device_type_reseeds_with_a_warning(tmp_path):
     """A CUDA generator state does not fit a CPU generator (and back): the streams are re-seeded instead."""
     data = random_dataset()
@@ -321,6 +349,13 @@ def test_cli_finetune_end_to_end(tmp_path, capsys):
     assert main([*common, "--steps", "4", "--resume", "latest", "--recompute-logits"]) == 0
     resumed = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     assert resumed["step"] == 4 and resumed["config"]["recompute_logits"] is True
+
+    # the same --out again without --resume: refused, naming the ways on; --overwrite starts again
+    assert main([*common, "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run" in err and "--resume latest" in err and "--overwrite" in err
+    assert main([*common, "--steps", "2", "--overwrite"]) == 0
+    assert {p.name for p in run.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-2"}
 
 
 def test_cli_finetune_reads_several_code_sets_of_the_same_images(tmp_path, capsys, cli_error):

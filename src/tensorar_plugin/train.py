@@ -56,6 +56,7 @@ __all__ = [
     "TRAINER_TENSORS_NAME",
     "METRICS_NAME",
     "find_latest_checkpoint",
+    "previous_run_files",
     "init_distributed",
     "distributed_info",
 ]
@@ -110,6 +111,9 @@ class TrainConfig:
     compile: bool | dict[str, Any] = False
     save_backbone: bool | None = None  # passed to save_pretrained (None: not when the backbone is frozen)
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest in out_dir, if any)
+    # an out_dir that holds an earlier run (metrics, checkpoints, final/) is refused unless resuming; True deletes
+    # that run's files first (only those: metrics.jsonl, checkpoint-<step>/, final/)
+    overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored with checkpoints
 
@@ -151,7 +155,7 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be an integer >= 1 or None, got {keep!r}")
         if self.eps <= 0:
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
-        for name in ("shuffle", "fsdp", "progress", "recompute_logits"):
+        for name in ("shuffle", "fsdp", "progress", "recompute_logits", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.compile, (bool, dict)):
@@ -260,6 +264,20 @@ def _is_dtensor(t: Any) -> bool:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a (possibly sharded) DTensor; a collective on every rank for DTensors."""
     return t.full_tensor() if _is_dtensor(t) else t
+
+
+def previous_run_files(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """What an earlier run left in `out_dir`: a non-empty metrics.jsonl, `checkpoint-<step>/` and `final/`."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        return []
+    found = [path for path in sorted(root.iterdir()) if path.is_dir() and (
+        path.name == "final" or (path.name.startswith(CHECKPOINT_PREFIX)
+                                 and path.name[len(CHECKPOINT_PREFIX):].isdigit()))]
+    metrics = root / METRICS_NAME
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.insert(0, metrics)
+    return found
 
 
 def find_latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
@@ -376,6 +394,7 @@ class Trainer:
                              f"(batch_size={cfg.batch_size})")
         self.batches_per_epoch = self.dataset_len // cfg.batch_size
         self.out_dir = Path(cfg.out_dir)
+        self._claim_out_dir()
         self.autocast_dtype = self._pick_precision()
 
         # LlamaGen seeds each rank differently (dropout and label dropout differ across ranks).
@@ -419,6 +438,30 @@ class Trainer:
             self.resume(cfg.resume_from)
 
     # -- setup -----------------------------------------------------------------------------------
+    def _claim_out_dir(self) -> None:
+        """Refuse to start a new run over an earlier one (its metrics would mix with ours and its checkpoints
+        and final/ be replaced one by one) unless resuming it or told to overwrite it."""
+        if self.config.resume_from:
+            return
+        found = [previous_run_files(self.out_dir) if self.is_main else []]
+        if self.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        if not found[0]:
+            return
+        if not self.config.overwrite:
+            listed = ", ".join(path.name + ("/" if path.is_dir() else "") for path in found[0][:4])
+            more = f" and {len(found[0]) - 4} more" if len(found[0]) > 4 else ""
+            raise FileExistsError(
+                f"out_dir {self.out_dir} holds an earlier run ({listed}{more}): continue it with resume_from="
+                f"'latest' (tensorar finetune --resume latest), choose another out_dir (--out), or start again "
+                f"with overwrite=True (--overwrite), which deletes these files")
+        if self.is_main:
+            for path in found[0]:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            self._log(f"overwrite: deleted the earlier run's files in {self.out_dir}")
+        if self.world_size > 1:
+            dist.barrier()
+
     def _pick_device(self, requested: str | None) -> torch.device:
         if requested is not None:
             device = torch.device(requested)
@@ -819,6 +862,8 @@ class Trainer:
             found = find_latest_checkpoint(self.out_dir)
             if found is None:
                 self._log(f"no checkpoint in {self.out_dir}; starting from scratch")
+                if self.is_main:  # metrics of a run that stopped before its first checkpoint
+                    self._truncate_metrics()
                 return None
             path = found
         directory = Path(path)

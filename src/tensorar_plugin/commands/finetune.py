@@ -153,7 +153,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                             "recompute the head in the backward pass (less memory, one more head forward)")
 
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--out", default="tensorar_finetune", help="output folder")
+    run_group.add_argument("--out", default="tensorar_finetune",
+                           help="output folder; one that holds an earlier run needs --resume or --overwrite")
+    run_group.add_argument("--overwrite", action="store_true",
+                           help="start again in an --out that holds an earlier run: delete its metrics.jsonl, "
+                                "checkpoint-<step>/ and final/ first")
     run_group.add_argument("--save-every", type=int, default=1000,
                            help="steps between checkpoints (0: only at the end)")
     run_group.add_argument("--keep-checkpoints", type=int, default=None,
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
             mixed_precision=args.precision, ema_decay=args.ema, log_every=args.log_every,
             ckpt_every=args.save_every, keep_checkpoints=args.keep_checkpoints, out_dir=args.out, seed=args.seed,
             num_workers=args.num_workers, device=args.device, fsdp=args.fsdp, recompute_logits=args.recompute_logits,
-            compile=args.compile, save_backbone=args.save_backbone, resume_from=args.resume,
+            compile=args.compile, save_backbone=args.save_backbone, resume_from=args.resume, overwrite=args.overwrite,
             progress=not args.no_progress,
             extra={"model": str(args.model), "image_size": args.image_size, "model_config": overrides,
                    "codes": args.codes[0] if len(args.codes) == 1 else args.codes, "window": args.window},
