@@ -89,6 +89,14 @@ def test_missing_files_and_newer_format(tmp_path):
         TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
 
 
+def test_truncated_weights_file_is_a_value_error_naming_it(tmp_path):
+    trained_like().save_pretrained(tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"cannot read {weights}: the file is damaged"):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
+
+
 def test_offline_hub_repo_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="someone/not-here"):
         TensorARWrapper.from_pretrained("someone/not-here", tiny_llamagen(), local_files_only=True,

@@ -290,6 +290,34 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path):
     assert not marker.exists()
 
 
+def _damaged_files(tmp_path: Path) -> dict[str, Path]:
+    """Files a user can end up with: text, random bytes, empty, and truncated torch / safetensors checkpoints."""
+    state = tiny_llamagen().state_dict()
+    whole_pt = save({"model": state}, tmp_path / "whole.pt").read_bytes()
+    save_file(state, tmp_path / "whole.safetensors")
+    whole_st = (tmp_path / "whole.safetensors").read_bytes()
+    contents = {"text.pt": b"hello world", "random.pt": torch.randint(0, 256, (100,), generator=torch.Generator()
+                                                                         .manual_seed(0)).to(torch.uint8).numpy()
+                .tobytes(), "empty.pt": b"", "truncated.pt": whole_pt[: len(whole_pt) // 2],
+                "truncated.safetensors": whole_st[: len(whole_st) // 2], "header.safetensors": b"xx"}
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(data)
+    return paths
+
+
+def test_damaged_checkpoint_files_are_a_value_error_naming_the_file(tmp_path):
+    for name, path in _damaged_files(tmp_path).items():
+        with pytest.raises(ValueError, match=rf"cannot read .*{name}: the file is damaged") as excinfo:
+            load_state_dict_file(path, kind="gpt")
+        assert "arbitrary code" not in str(excinfo.value)  # broken bytes are not a security refusal
+    with pytest.raises(ValueError, match="truncated.pt: the file is damaged"):
+        load_vq(tmp_path / "truncated.pt", preset="VQ-16", **TINY_VQ)
+    with pytest.raises(FileNotFoundError):  # a missing file stays what it is
+        load_state_dict_file(tmp_path / "missing.pt", kind="gpt")
+
+
 def test_file_without_weights_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="no weight tensors"):
         load_state_dict_file(save({"steps": 3}, tmp_path / "empty.pt"), kind="gpt")

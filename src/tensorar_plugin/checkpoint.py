@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .files import read_safetensors
 from .noise import ADAPTIVE, SCHEDULES
 from .state_dicts import describe_mismatch
 from .wrapper import ADAPTER_NAME, BACKBONE_CONFIG_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TensorARConfig
@@ -127,12 +128,12 @@ def load_wrapper(cls, pretrained: str | Path, model: nn.Module, *, adapter: Back
 
     full, partial = directory / WEIGHTS_NAME, directory / ADAPTER_NAME
     if full.is_file():
-        state = load_file(str(full))
+        state = read_safetensors(full)
         expected = wrapper.state_dict()
         _check_shapes(expected, state, config, full)
         wrapper.load_state_dict(state, strict=True)
     elif partial.is_file():
-        state = load_file(str(partial))
+        state = read_safetensors(partial)
         _check_shapes(wrapper.tensorar_state_dict(), state, config, partial)
         for name, module in wrapper.new_modules().items():
             prefix = f"{name}."

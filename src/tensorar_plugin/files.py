@@ -1,4 +1,5 @@
-"""Writing files so that an interrupted run never leaves a half-written one behind."""
+"""Files: writing them so that an interrupted run never leaves a half-written one behind, and reading
+safetensors so that a damaged file is a clear error naming it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+import torch
+
+__all__ = ["atomic_path", "read_safetensors", "unreadable_file"]
+
+
+def unreadable_file(path: str | Path, detail: object) -> ValueError:
+    """The error for a weights file that exists but cannot be parsed (truncated download, wrong file)."""
+    return ValueError(f"cannot read {path}: the file is damaged or not what its name says (a download that "
+                      f"stopped early, say): {detail}. Download or write it again.")
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, with a truncated or corrupt file reported as a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as exc:
+        raise unreadable_file(path, exc) from exc
 
 
 @contextmanager

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorar_plugin.files import read_safetensors, unreadable_file
 from tensorar_plugin.models.llamagen import (
     LLAMAGEN_PRESETS,
     LlamaGen,
@@ -253,20 +254,24 @@ def _torch_load(path: Path) -> Any:
     try:
         with allow:
             return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError):
+        raise
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a class the allow-list refused: broken pickle bytes
+            raise unreadable_file(path, "not a torch checkpoint") from exc
         raise ValueError(
             f"refusing to load {path}: it is not a plain weights file (torch.load with weights_only=True "
             f"rejected it), and unpickling it could run arbitrary code. If you trust the file, re-save "
             f"just its state dict (or convert it to .safetensors) and load that instead."
         ) from exc
+    except Exception as exc:  # torch.load's errors on bad bytes: KeyError, EOFError, OSError, RuntimeError, ...
+        raise unreadable_file(path, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
 
 
 def _read_file(path: Path) -> Any:
     """Raw content of a ``.safetensors`` or torch checkpoint file, tensors on the CPU."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     return _torch_load(path)
 
 

@@ -42,10 +42,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .files import read_safetensors
 from .wrapper import ADAPTER_NAME, CONFIG_NAME, WEIGHTS_NAME, TensorARWrapper
 
 __all__ = [
@@ -873,7 +874,7 @@ class Trainer:
         state = json.loads(state_path.read_text())
         if state.get("format_version", 0) > STATE_FORMAT_VERSION:
             raise ValueError(f"{state_path} has format_version {state['format_version']}; upgrade tensorar-plugin")
-        tensors = load_file(str(directory / TRAINER_TENSORS_NAME))
+        tensors = read_safetensors(directory / TRAINER_TENSORS_NAME)
         self._load_weights(directory)
         self._load_optimizer(state, tensors, state_path)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -948,9 +949,9 @@ class Trainer:
                              f"window={self.wrapper.window}")
         full, partial = directory / WEIGHTS_NAME, directory / ADAPTER_NAME
         if full.is_file():
-            weights, strict = load_file(str(full)), True
+            weights, strict = read_safetensors(full), True
         elif partial.is_file():
-            weights, strict = load_file(str(partial)), False
+            weights, strict = read_safetensors(partial), False
         else:
             raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {ADAPTER_NAME}")
         if self.config.fsdp:

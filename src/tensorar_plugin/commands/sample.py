@@ -172,8 +172,7 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
 
     path = Path(args.model)
     if path.is_dir():  # a folder written by save_pretrained, backbone included
-        from safetensors.torch import load_file
-
+        from ..files import read_safetensors
         from ..models.llamagen import LlamaGenConfig
         from ..wrapper import BACKBONE_CONFIG_NAME, WEIGHTS_NAME
 
@@ -183,7 +182,7 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
                              f" or pass a hub backbone with --model NAME --tensorar {path}")
         if args.vq is None:
             raise ValueError("a save_pretrained folder needs --vq (tokenizer hub name or file)")
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
         base_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
         saved_config = path / BACKBONE_CONFIG_NAME
         if saved_config.is_file():  # written by save_pretrained for LlamaGen backbones
