@@ -147,6 +147,17 @@ def test_resume_refuses_a_checkpoint_of_another_window(tmp_path):
         Trainer(other, data, config(tmp_path, resume_from=str(tmp_path / "run" / "checkpoint-1")))
 
 
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_resume_refuses_a_checkpoint_of_another_model_naming_the_mismatch(tmp_path, frozen):
+    data = random_dataset()
+    Trainer(make_wrapper(freeze_backbone=frozen), data, config(tmp_path, max_steps=1, ckpt_every=1)).train()
+    wider = TensorARWrapper(tiny_llamagen(dim=48, n_head=4), window=4, freeze_backbone=frozen)
+    with pytest.raises(ValueError, match=r"checkpoint-1 does not fit this model.*shape mismatch\(es\): "
+                                         r"[\w.]+: checkpoint \(.+\) vs model \(.+\)"):
+        Trainer(wider, data, config(tmp_path, resume_from="latest"))
+
+
 # -- learning ------------------------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .files import read_safetensors
+from .state_dicts import describe_mismatch
 from .wrapper import ADAPTER_NAME, CONFIG_NAME, WEIGHTS_NAME, TensorARWrapper
 
 __all__ = [
@@ -954,6 +955,11 @@ class Trainer:
             weights, strict = read_safetensors(partial), False
         else:
             raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {ADAPTER_NAME}")
+        expected = self.wrapper.state_dict() if strict else self.wrapper.tensorar_state_dict()
+        report = describe_mismatch(expected, weights)  # DTensors report their global shapes, as saved
+        if report is not None:
+            raise ValueError(f"checkpoint {directory} does not fit this model (was it saved from another base "
+                             f"model or other TensorAR settings?): {report}")
         if self.config.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
