@@ -231,8 +231,10 @@ def test_config_validation(tmp_path):
     assert TrainConfig.from_dict(TrainConfig(betas=[0.8, 0.9]).to_dict()).betas == (0.8, 0.9)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         Trainer(make_wrapper(), random_dataset(n=4), config(tmp_path))
-    with pytest.raises(RuntimeError, match="needs a process group"):
+    with pytest.raises(ValueError, match="needs a process group"):
         Trainer(make_wrapper(), random_dataset(), config(tmp_path, fsdp=True))
+    with pytest.raises(ValueError, match="device must name a torch device.*'foo'"):
+        TrainConfig(device="foo")
     for clip in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="grad_clip"):
             TrainConfig(grad_clip=clip)
@@ -248,6 +250,12 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="save_backbone=False, but the backbone is trained"):
         Trainer(make_wrapper(), random_dataset(), config(tmp_path, save_backbone=False))
     Trainer(make_wrapper(freeze_backbone=True), random_dataset(), config(tmp_path, save_backbone=False))
+
+
+def test_trainer_on_cuda_without_a_gpu_is_a_value_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda', but torch sees no CUDA GPU here"):
+        Trainer(make_wrapper(), random_dataset(), config(tmp_path, device="cuda"))
 
 
 @pytest.mark.parametrize(("bad_code", "bad_label", "match"), [
@@ -436,6 +444,33 @@ def test_cli_reports_bad_data_naming_the_file(tmp_path, capsys):
                "--num-workers", "1", "--no-augment"])
     err = capsys.readouterr().err
     assert rc == 2 and "toy64_codes/3.npy" in err and "Original Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--grad-accum", "3"], "--batch-size (4) must be divisible by --grad-accum (3)"),
+    (["--beta1", "1.5"], "--beta1/--beta2 must be two numbers in [0, 1), got (1.5, 0.95)"),
+    (["--ema", "2"], "--ema must be in [0, 1) or None, got 2.0"),
+    (["--save-every", "-1"], "--save-every must be an integer >= 0, got -1"),
+    (["--device", "foo"], "--device foo: "),
+    (["--fsdp"], "--fsdp shards the model over the processes of a torchrun launch"),
+])
+def test_cli_finetune_refuses_bad_settings_naming_the_flag(tmp_path, cli_error, monkeypatch, flags, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    torch.save(tiny_llamagen().state_dict(), tmp_path / "tiny.pt")
+    write_codes(tmp_path / "codes", n=4)
+    error = cli_error(["finetune", "--model", str(tmp_path / "tiny.pt"), *TINY_FLAGS, "--codes",
+                       str(tmp_path / "codes"), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4",
+                       "--no-progress", *flags])
+    assert error.startswith(message), error
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_finetune_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path, cli_error, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    error = cli_error(["finetune", "--model", str(tmp_path / "tiny.pt"), "--codes", str(tmp_path),
+                       "--device", "cuda"])
+    assert error == "--device cuda, but torch sees no CUDA GPU here"
 
 
 def test_cli_options_all_have_help():

@@ -171,6 +171,13 @@ class TrainConfig:
             except (TypeError, ValueError) as err:
                 raise ValueError(f"compile options must be JSON values (they are saved with the checkpoints; pass a "
                                  f"backend by name): {err}") from None
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device must name a torch device (cpu, cuda, cuda:1, ...), got {self.device!r}: "
+                                 f"{err}") from None
+            self.device = str(self.device)
         if not isinstance(self.out_dir, (str, os.PathLike)):
             raise ValueError(f"out_dir must be a path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)
@@ -467,6 +474,10 @@ class Trainer:
     def _pick_device(self, requested: str | None) -> torch.device:
         if requested is not None:
             device = torch.device(requested)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {requested!r}, but torch sees no CUDA GPU here")
+            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device {requested!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", self.local_rank)
         elif torch.cuda.is_available():
@@ -518,8 +529,8 @@ class Trainer:
         except ImportError as exc:  # pragma: no cover - torch < 2.6
             raise RuntimeError("fsdp=True needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from exc
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("fsdp=True needs a process group: launch with torchrun (or call "
-                               "torch.distributed.init_process_group first)")
+            raise ValueError("fsdp=True needs a process group: launch with torchrun (or call "
+                             "torch.distributed.init_process_group first)")
         # every rank must shard the same weights: take rank 0's (new parts are initialised randomly)
         comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         with torch.no_grad():

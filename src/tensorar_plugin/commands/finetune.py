@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import os
+import re
 from typing import Any
 
 __all__ = ["register", "run", "parse_overrides"]
@@ -21,6 +23,34 @@ __all__ = ["register", "run", "parse_overrides"]
 #: (a fresh model takes the wrapper's own defaults for the others) and --init-from can tell a given flag
 #: from a default: the saved model's settings apply, and a flag given with a different value is an error.
 TENSORAR_FLAGS = ("noise_schedule", "max_noise", "encoder_depth", "decoder_depth", "slot_weights", "draft_source")
+
+
+#: TrainConfig fields and the flags that set them, so that a refused value is reported under its flag
+CONFIG_FLAGS = {
+    "max_steps": "--steps", "batch_size": "--batch-size", "grad_accum_steps": "--grad-accum", "lr": "--lr",
+    "warmup_steps": "--warmup", "weight_decay": "--weight-decay", "betas": "--beta1/--beta2",
+    "grad_clip": "--grad-clip", "ema_decay": "--ema", "log_every": "--log-every", "ckpt_every": "--save-every",
+    "keep_checkpoints": "--keep-checkpoints", "num_workers": "--num-workers", "device": "--device",
+    "out_dir": "--out", "seed": "--seed",
+}
+
+
+def flag_error(error: ValueError, *, anywhere: bool = False) -> ValueError:
+    """A TrainConfig error (``"max_steps must be ..."``) reworded under its flag (``"--steps must be ..."``).
+
+    Only a leading field name is replaced, unless `anywhere` (for TrainConfig's own messages, which name
+    fields and values only, not paths that could contain a field's name).
+    """
+    text = str(error)
+    field_name, _, rest = text.partition(" ")
+    if field_name in CONFIG_FLAGS:
+        text = f"{CONFIG_FLAGS[field_name]} {rest}"
+    if anywhere:  # a field named later in the message: "... divisible by grad_accum_steps"
+        for name, flag in CONFIG_FLAGS.items():
+            if "_" not in name:  # "device", "lr": words that messages use in their plain sense too
+                continue
+            text = re.sub(rf"(?<![-\w]){name}\b", flag, text)
+    return ValueError(text)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -121,7 +151,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                       help="folder with <name>_codes/ and <name>_labels/ (LlamaGen's extract_codes_c2i.py layout), "
                            "or the <name>_codes folder itself; several folders of the same images (e.g. ten crops "
                            "at crop ranges 1.1 and 1.05, LlamaGen's recipe): each item reads one, chosen uniformly")
-    data.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes per GPU")
+    data.add_argument("--num-workers", type=int, default=None,
+                      help="data-loader worker processes per GPU (default: 4, at most one per CPU core)")
     data.add_argument("--no-augment", action="store_true",
                       help="always use the first stored augmentation instead of a random one")
 
@@ -180,9 +211,17 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import CodesDataset, CodeSetsDataset
     from ..hub import load_llamagen
-    from ..train import TrainConfig, Trainer, distributed_info, init_distributed
+    from ..train import Trainer, distributed_info, init_distributed
     from ..wrapper import TensorARWrapper
 
+    if args.device is not None:
+        from .sample import resolve_device
+
+        resolve_device(args.device)  # before any process group or model: "--device cuda" on a CPU machine
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ValueError("--fsdp shards the model over the processes of a torchrun launch: run torchrun "
+                         "--nproc_per_node N -m tensorar_plugin.cli finetune ... --fsdp (one process needs no "
+                         "--fsdp)")
     owns_group = init_distributed(args.device)
     rank = distributed_info()[0]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -213,19 +252,23 @@ def run(args: argparse.Namespace) -> int:
                 for codes in args.codes]
         dataset = sets[0] if len(sets) == 1 else CodeSetsDataset(sets, seed=args.seed, augment=not args.no_augment)
         log.info("dataset: %r", dataset)
-        config = TrainConfig(
+        config = _train_config(
             lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
             grad_clip=args.grad_clip or None, warmup_steps=args.warmup, lr_schedule=args.lr_schedule,
             max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
             mixed_precision=args.precision, ema_decay=args.ema, log_every=args.log_every,
             ckpt_every=args.save_every, keep_checkpoints=args.keep_checkpoints, out_dir=args.out, seed=args.seed,
-            num_workers=args.num_workers, device=args.device, fsdp=args.fsdp, recompute_logits=args.recompute_logits,
+            num_workers=args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1),
+            device=args.device, fsdp=args.fsdp, recompute_logits=args.recompute_logits,
             compile=args.compile, save_backbone=args.save_backbone, resume_from=args.resume, overwrite=args.overwrite,
             progress=not args.no_progress,
             extra={"model": str(args.model), "image_size": args.image_size, "model_config": overrides,
                    "codes": args.codes[0] if len(args.codes) == 1 else args.codes, "window": args.window},
         )
-        trainer = Trainer(wrapper, dataset, config)
+        try:
+            trainer = Trainer(wrapper, dataset, config)
+        except ValueError as err:
+            raise flag_error(err) from None
         metrics = trainer.train()
         if rank == 0:
             loss = metrics.get("loss")
@@ -235,3 +278,13 @@ def run(args: argparse.Namespace) -> int:
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _train_config(**kwargs: Any):
+    """`TrainConfig(**kwargs)`, its refusals worded with the command's flags."""
+    from ..train import TrainConfig
+
+    try:
+        return TrainConfig(**kwargs)
+    except ValueError as err:
+        raise flag_error(err, anywhere=True) from None
