@@ -30,13 +30,15 @@ def test_no_command_prints_help_and_fails(capsys):
     (["--cfg-scale", "-2"], "--cfg-scale must be a finite number >= 0"),
     (["--scale", "0"], "--scale must be >= 1"),
     (["--history-samples", "0"], "--history-samples must be >= 1"),
-    (["--window", "2"], "--window apply to hub and save_pretrained models"),
-    (["--tensorar", "somewhere"], "--tensorar apply to hub and save_pretrained models"),
+    (["--window", "2"], "--window: these flags apply to hub models, checkpoint files and save_pretrained"),
+    (["--tensorar", "somewhere", "--preset", "GPT-B"], "--tensorar, --preset: these flags apply to hub models"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--out", "noext"], "--out noext: the file name needs an image suffix such as .png"),
 ])
-def test_sample_flag_mistakes_are_reported_as_errors(tmp_path, flags, message, cli_error):
-    assert message in cli_error(["sample", "--out", str(tmp_path / "x.png"), "--no-progress", "--device", "cpu",
-                                 *flags])
-    assert not (tmp_path / "x.png").exists()
+def test_sample_flag_mistakes_are_reported_as_errors(tmp_path, monkeypatch, flags, message, cli_error):
+    monkeypatch.chdir(tmp_path)
+    assert message in cli_error(["sample", "--out", "x.png", "--no-progress", "--device", "cpu", *flags])
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "noext").exists()
 
 
 def test_missing_gpu_and_bad_paths_are_one_line_errors(tmp_path, monkeypatch, cli_error):
@@ -45,7 +47,8 @@ def test_missing_gpu_and_bad_paths_are_one_line_errors(tmp_path, monkeypatch, cl
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in (["sample"], ["sample-npz", "--num-samples", "1"], ["fid", str(tmp_path), str(tmp_path)]):
         message = cli_error([*command, "--device", "cuda", "--no-progress"]
-                            + (["--out", str(tmp_path / "out")] if command[0] != "fid" else []))
+                            + {"sample": ["--out", str(tmp_path / "out.png")],
+                               "sample-npz": ["--out", str(tmp_path / "out")]}.get(command[0], []))
         assert message == "--device cuda, but torch sees no CUDA GPU here"
     assert "missing.pt" in cli_error(["sample", "--model", str(tmp_path / "missing.pt"), "--device", "cpu",
                                       "--no-progress", "--out", str(tmp_path / "x.png")])
@@ -63,14 +66,16 @@ def test_hub_models_default_to_no_top_k_for_fid_samples(monkeypatch):
     from tensorar_plugin import hub
     from tensorar_plugin.commands import sample
 
-    def fake_gpt(name, image_size=None):
+    def fake_gpt(name, **kwargs):
         model = tiny_llamagen()
         model.hub_info = hub.LLAMAGEN_CHECKPOINTS["c2i_B_256"]
         return model
 
     monkeypatch.setattr(hub, "load_llamagen", fake_gpt)
-    monkeypatch.setattr(hub, "load_vq", lambda name, device=None: object())
-    args = argparse.Namespace(model="c2i_B_256", tensorar=None, vq=None, image_size=None, window=None)
+    monkeypatch.setattr(hub, "load_vq", lambda name, **kwargs: object())
+    args = argparse.Namespace(
+        model="c2i_B_256", tensorar=None, vq=None, image_size=None, window=None, preset=None, model_config=[],
+        cache_dir=None, local_files_only=False)
     assert hub.LLAMAGEN_CHECKPOINTS["c2i_B_256"].top_k == 2000
     assert sample.load_model(args, "cpu", None)[3]["top_k"] == 2000
     assert sample.load_model(args, "cpu", None, fid_defaults=True)[3]["top_k"] == 0

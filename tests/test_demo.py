@@ -126,6 +126,57 @@ def test_quality_benchmark_tiny(tmp_path):
     assert "Command: `python benchmarks/quality.py --tiny`" in text and "| plain next-token |" in text
 
 
+def _tiny_vq_file(path):
+    from tensorar_plugin.models.vq import VQConfig, VQModel
+
+    stages = [1, 2, 2, 4]  # VQ-8's stages at a small width: load_vq recognises the preset from the weights
+    vq = VQModel(VQConfig(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=stages, decoder_ch_mult=stages,
+                          z_channels=32, base_channels=32, num_res_blocks=1))
+    torch.save(vq.state_dict(), path)
+    return path
+
+
+def test_cli_sample_refuses_flags_a_save_pretrained_folder_would_ignore(tmp_path, cli_error):
+    from conftest import tiny_llamagen
+
+    from tensorar_plugin import TensorARWrapper
+
+    TensorARWrapper(tiny_llamagen(), window=3).save_pretrained(tmp_path / "run")
+    vq = _tiny_vq_file(tmp_path / "vq.pt")
+    base = ["sample", "--model", str(tmp_path / "run"), "--vq", str(vq), "--out", str(tmp_path / "g.png"),
+            "--device", "cpu", "--no-progress", "--per-class", "1", "--classes", "0"]
+    assert cli_error([*base, "--tensorar", str(tmp_path)]).startswith(
+        f"--tensorar: {tmp_path / 'run'} is a save_pretrained folder, which carries its own")
+    assert cli_error([*base, "--image-size", "32"]).startswith("--image-size: ")
+    assert cli_error([*base, "--window", "2"]) == (f"--window 2, but {tmp_path / 'run'} holds a TensorAR model "
+                                                   f"with window 3")
+    assert cli_error([*base, "--window", "0"]) == "--window must be >= 1 (1 samples plainly), got 0"
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_sample_puts_adapter_parts_around_a_checkpoint_file_that_is_no_preset(tmp_path, capsys):
+    """`finetune --freeze-backbone` of a custom backbone saves only the TensorAR parts and backbone_config.json:
+    `sample --model FILE --tensorar DIR` rebuilds the backbone from that file (or from --model-config)."""
+    from conftest import perturb_heads_, tiny_llamagen
+
+    from tensorar_plugin import TensorARWrapper
+
+    base_model = tiny_llamagen()
+    torch.save({"model": base_model.state_dict()}, tmp_path / "gpt.pt")
+    wrapper = perturb_heads_(TensorARWrapper(base_model, window=3, freeze_backbone=True))
+    wrapper.save_pretrained(tmp_path / "parts")
+    assert not (tmp_path / "parts" / "model.safetensors").exists()
+    vq = _tiny_vq_file(tmp_path / "vq.pt")
+    base = ["sample", "--model", str(tmp_path / "gpt.pt"), "--tensorar", str(tmp_path / "parts"), "--vq", str(vq),
+            "--device", "cpu", "--no-progress", "--per-class", "1", "--classes", "0", "1"]
+    assert cli_main([*base, "--out", str(tmp_path / "a.png")]) == 0
+    assert "window 3" in capsys.readouterr().err
+    explicit = ["--image-size", "64", "--model-config", "n_head=4", "--model-config", "multiple_of=16"]
+    assert cli_main([*base, *explicit, "--out", str(tmp_path / "b.png")]) == 0
+    with PIL.open(tmp_path / "a.png") as a, PIL.open(tmp_path / "b.png") as b:
+        assert a.tobytes() == b.tobytes()  # same backbone either way, same seed: the same grid
+
+
 def test_cli_sample_from_a_save_pretrained_folder(tmp_path, capsys):
     """A non-preset backbone is rebuilt from the backbone_config.json that save_pretrained writes."""
     import json

@@ -345,7 +345,7 @@ def test_inception_weights_are_found_from_argument_and_environment(tmp_path, mon
     monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "missing.pt"))
     with pytest.raises(FileNotFoundError, match=f"\\${INCEPTION_ENV} = .*missing.pt is not a file"):
         find_inception_weights()
-    with pytest.raises(FileNotFoundError, match="inception = .*nope.pt is not a file"):
+    with pytest.raises(FileNotFoundError, match=r"inception \(--inception\) = .*nope.pt is not a file"):
         find_inception_weights(tmp_path / "nope.pt")
 
 
@@ -473,6 +473,26 @@ def test_sample_npz_refuses_to_resume_with_other_settings(tmp_path, cli_error):
 def test_commands_reject_bad_arguments(argv, message, tmp_path, monkeypatch, cli_error):
     monkeypatch.chdir(tmp_path)
     assert cli_error(argv) == message
+
+
+def test_sample_npz_refuses_what_would_fail_only_after_sampling(tmp_path, monkeypatch, cli_error):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    Path("taken").write_text("a file")
+    Path("ref").mkdir()
+    base = ["sample-npz", "--num-samples", "1", "--batch-size", "1", "--no-progress", "--device", "cpu"]
+    cases = [
+        (["--out", "taken"], "--out taken is a file: --out names the folder for the PNGs"),
+        (["--out", "s", "--npz", "ref"], "--npz ref is a folder; pass --npz FILE.npz"),
+        (["--out", "s", "--reference", "nope.npz"], "--reference nope.npz: no such file or folder"),
+        (["--out", "s", "--reference", "ref", "--inception", "nope.pt"],
+         "inception (--inception) = nope.pt is not a file"),
+        (["--out", "s", "--cfg-interval", "-3"], "--cfg-interval must be -1 (guide every token) or a number"),
+        (["--out", "s", "--eval-size", "0"], "--eval-size must be >= 1, got 0"),
+    ]
+    for flags, message in cases:
+        assert cli_error(base + flags).startswith(message)
+    assert not Path("s").exists()  # refused before a single image was drawn
 
 
 def test_fid_against_statistics_of_another_network_is_an_error(tmp_path, cli_error):

@@ -5,7 +5,9 @@ LlamaGen registry name (e.g. `c2i_B_256`, loaded through `tensorar_plugin.hub` t
 paired VQ; `--tensorar DIR` adds TensorAR parts saved by `save_pretrained`, otherwise the model is
 sampled plainly with `--window 1`), a demo-style bundle folder (written by
 `examples/train_demo.py --out DIR`), or a folder written by `TensorARWrapper.save_pretrained`
-(backbone included; pass `--vq` and, for non-256-px models, `--image-size`).
+(backbone included; pass `--vq`; the token grid comes from its `backbone_config.json`). A local
+checkpoint file whose shape is not a LlamaGen preset takes `--preset` / `--model-config`, or, with
+`--tensorar DIR`, the `backbone_config.json` saved in DIR.
 """
 
 from __future__ import annotations
@@ -53,11 +55,22 @@ def add_model_arguments(p) -> None:
                         "(default: the bundled MNIST demo)")
     p.add_argument("--tensorar", default=None, metavar="DIR",
                    help="TensorAR parts saved by save_pretrained, put around a --model hub backbone")
-    p.add_argument("--vq", default=None, help="tokenizer (hub name or file) for a save_pretrained folder")
-    p.add_argument("--image-size", type=int, default=None, help="image size of a hub / save_pretrained model")
+    p.add_argument("--vq", default=None,
+                   help="tokenizer (hub name or file); needed for a save_pretrained folder or a checkpoint file "
+                        "not named like a released one")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image size of a hub model or checkpoint file (sets its token grid); a save_pretrained "
+                        "folder carries its own")
     p.add_argument("--window", type=int, default=None,
                    help="window for a hub model without --tensorar parts: 1 (default) samples plainly; "
                         "larger windows add untrained parts that change nothing but speed")
+    p.add_argument("--preset", default=None,
+                   help="LlamaGen preset (GPT-B, ...) of a checkpoint file whose shape cannot be inferred")
+    p.add_argument("--model-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a LlamaGenConfig field of a checkpoint file (repeatable), e.g. n_head=4")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for registry downloads")
+    p.add_argument("--local-files-only", action="store_true",
+                   help="never download: use the Hugging Face cache or local files only (no retries offline)")
 
 
 #: sampling settings with a flag each; unset flags take the model's defaults (`sampling_settings`)
@@ -124,7 +137,7 @@ def start_processes(args) -> ProcessPlace:
     from ..train import distributed_info, init_distributed
 
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(check_threads(args.threads))
     device = resolve_device(args.device)
     started = init_distributed(args.device)
     rank, world, local_rank = distributed_info()
@@ -134,11 +147,73 @@ def start_processes(args) -> ProcessPlace:
     return ProcessPlace(device, dtype, rank, world, started)
 
 
+def check_threads(threads: int) -> int:
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    return threads
+
+
+def check_image_path(flag: str, path: Path) -> None:
+    """An image file name PIL can write (its suffix picks the format), checked before sampling."""
+    from PIL import Image
+
+    Image.init()
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"{flag} {path}: the file name needs an image suffix such as .png (it picks the format)")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; pass an image file name such as {path / 'grid.png'}")
+
+
 def add_device_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default float32)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 is fastest for the tiny demo on a busy machine)")
+                   help="torch CPU threads (default: torch's; on a busy machine fewer can be faster for small "
+                        "models)")
+
+
+def check_model_flags(args) -> None:
+    """Refuse model flags that the chosen kind of --model would ignore, before anything is loaded."""
+    if args.window is not None and args.window < 1:
+        raise ValueError(f"--window must be >= 1 (1 samples plainly), got {args.window}")
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
+    given = [flag for flag, value in (("--tensorar", args.tensorar), ("--window", args.window), ("--vq", args.vq),
+                                      ("--image-size", args.image_size), ("--preset", args.preset),
+                                      ("--model-config", args.model_config or None)) if value is not None]
+    path = Path(args.model) if args.model is not None else None
+    if path is None or (path.is_dir() and (path / "demo_info.json").is_file()):
+        if given:
+            raise ValueError(f"{', '.join(given)}: these flags apply to hub models, checkpoint files and "
+                             f"save_pretrained folders (--model), not to a demo bundle, which carries its own")
+    elif path.is_dir():
+        from ..wrapper import BACKBONE_CONFIG_NAME
+
+        ignored = [flag for flag in ("--tensorar", "--preset", "--model-config") if flag in given]
+        if (path / BACKBONE_CONFIG_NAME).is_file() and "--image-size" in given:
+            ignored.append("--image-size")
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: {path} is a save_pretrained folder, which carries its own "
+                             f"backbone settings and TensorAR parts (--tensorar adds parts to a hub model or "
+                             f"checkpoint file)")
+
+
+def _backbone_overrides(args) -> dict[str, Any]:
+    """LlamaGenConfig fields for a hub model / checkpoint file: --model-config, else the backbone_config.json
+    that save_pretrained wrote beside --tensorar parts (a backbone that is no preset needs it to load)."""
+    from .finetune import parse_overrides
+
+    if args.preset is not None or args.model_config or not args.tensorar:
+        return parse_overrides(args.model_config)
+    from ..wrapper import BACKBONE_CONFIG_NAME
+
+    saved = Path(args.tensorar) / BACKBONE_CONFIG_NAME
+    if not saved.is_file():
+        return {}
+    overrides = json.loads(saved.read_text())
+    if args.image_size is not None:
+        overrides.pop("block_size", None)  # --image-size sets it
+    return overrides
 
 
 def load_model(args, device, dtype, *, fid_defaults: bool = False):
@@ -152,14 +227,9 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
     from ..wrapper import TensorARWrapper
 
     base_defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
+    check_model_flags(args)
     if args.model is None or (Path(args.model).is_dir() and (Path(args.model) / "demo_info.json").is_file()):
         from ..demo import load_demo
-
-        ignored = [flag for flag, value in (("--tensorar", args.tensorar), ("--window", args.window),
-                                            ("--vq", args.vq), ("--image-size", args.image_size)) if value is not None]
-        if ignored:
-            raise ValueError(f"{', '.join(ignored)} apply to hub and save_pretrained models (--model), "
-                             f"not to the demo bundle, which carries its own")
 
         bundle = load_demo(device=device, dtype=dtype, directory=args.model)
         info = bundle.info
@@ -190,23 +260,31 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
         else:
             config = infer_llamagen_config(base_state, image_size=args.image_size)
         wrapper = TensorARWrapper.from_pretrained(path, LlamaGen(config))
-        vq = load_vq(args.vq, device=device)
+        if args.window is not None and args.window != wrapper.window:
+            raise ValueError(f"--window {args.window}, but {path} holds a TensorAR model with window {wrapper.window}")
+        vq = load_vq(args.vq, device=device, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
         grid = config.grid_size
+        if args.image_size is not None and args.image_size // vq.downsample_factor != grid:
+            raise ValueError(f"--image-size {args.image_size} does not fit {path}: its backbone has a {grid}x{grid} "
+                             f"token grid, {grid * vq.downsample_factor} px with this tokenizer")
         defaults = base_defaults
         desc = f"{path} (window {wrapper.window})"
     else:
-        gpt = load_llamagen(args.model, image_size=args.image_size)
+        hub = dict(cache_dir=args.cache_dir, local_files_only=args.local_files_only)
+        gpt = load_llamagen(args.model, preset=args.preset, image_size=args.image_size, **hub,
+                            **_backbone_overrides(args))
         info = gpt.hub_info
         if args.tensorar:
-            wrapper = TensorARWrapper.from_pretrained(args.tensorar, gpt)
+            wrapper = TensorARWrapper.from_pretrained(args.tensorar, gpt, **hub)
             if args.window is not None and args.window != wrapper.window:
-                raise ValueError(f"--window {args.window} but {args.tensorar} has window {wrapper.window}")
+                raise ValueError(f"--window {args.window}, but {args.tensorar} holds TensorAR parts with window "
+                                 f"{wrapper.window}")
         else:
             wrapper = TensorARWrapper(gpt, window=args.window or 1)
         vq_name = args.vq or (info.vq if info is not None else None)
         if vq_name is None:
             raise ValueError("no paired tokenizer known for this model: pass --vq")
-        vq = load_vq(vq_name, device=device)
+        vq = load_vq(vq_name, device=device, **hub)
         grid = gpt.config.grid_size
         defaults = {**base_defaults, "cfg_scale": (info.cfg_scale if info and info.cfg_scale else 2.0),
                     "top_k": (info.top_k if info and info.top_k and not fid_defaults else 0)}
@@ -223,7 +301,10 @@ def run(args) -> int:
     from ..visualize import image_grid, render_history, tokens_to_images
 
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(check_threads(args.threads))
+    check_image_path("--out", args.out)
+    if args.history_out is not None:
+        check_image_path("--history-out", args.history_out)
     for flag, value in (("--per-class", args.per_class), ("--history-samples", args.history_samples),
                         ("--scale", args.scale)):
         if value is not None and value < 1:

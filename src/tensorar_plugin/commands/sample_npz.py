@@ -57,6 +57,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_outputs_and_reference(args) -> None:
+    """Refuse what would only fail after sampling: --out or --npz in the way, a missing --reference or
+    Inception network."""
+    from ..evaluation.fid import find_inception_weights
+
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file: --out names the folder for the PNGs (the .npz is "
+                              f"written next to it, or to --npz)")
+    npz = args.npz if args.npz is not None else args.out.with_name(args.out.name + ".npz")
+    if npz.is_dir():
+        raise IsADirectoryError(f"{'--npz' if args.npz is not None else 'the .npz'} {npz} is a folder; "
+                                f"pass --npz FILE.npz")
+    if args.reference:
+        if not Path(args.reference).exists():
+            raise FileNotFoundError(f"--reference {args.reference}: no such file or folder")
+        find_inception_weights(args.inception)
+
+
 def run(args) -> int:
     import torch.distributed as dist
 
@@ -65,7 +83,13 @@ def run(args) -> int:
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_size is not None and args.eval_size < 1:
+        raise ValueError(f"--eval-size must be >= 1, got {args.eval_size}")
+    if args.cfg_interval < -1:
+        raise ValueError(f"--cfg-interval must be -1 (guide every token) or a number of tokens >= 0, "
+                         f"got {args.cfg_interval}")
     check_sampling_flags(args)
+    check_outputs_and_reference(args)  # before drawing (50k images by default), not after
     device, dtype, rank, world, started = start_processes(args)
     try:
         wrapper, vq, grid, defaults, _, _, desc = load_model(args, device, dtype, fid_defaults=True)

