@@ -98,9 +98,23 @@ def test_truncated_weights_file_is_a_value_error_naming_it(tmp_path):
 
 
 def test_offline_hub_repo_gives_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="someone/not-here"):
+    with pytest.raises(FileNotFoundError, match="'someone/not-here' is neither a local folder nor a Hugging Face "
+                                                "Hub repo that could be fetched.*hf download someone/not-here"):
         TensorARWrapper.from_pretrained("someone/not-here", tiny_llamagen(), local_files_only=True,
                                         cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["runs/b256/final", "/no/such/dir", "./final"])
+def test_missing_local_folder_is_named_as_a_folder_without_asking_the_hub(tmp_path, monkeypatch, name):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a path must not reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no folder {name}: pass the folder written by save_pretrained"):
+        TensorARWrapper.from_pretrained(name, tiny_llamagen())
 
 
 def test_custom_schedule_is_recorded_and_can_be_supplied_again(tmp_path):

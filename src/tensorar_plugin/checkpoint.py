@@ -71,15 +71,21 @@ def _resolve_directory(pretrained: str | Path, **hub_kwargs) -> Path:
         raise ValueError(f"pretrained must be a directory written by save_pretrained or a Hub repo id, "
                          f"got the file {path}")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(str(pretrained))
+    except Exception:  # a path ("runs/b256/final", "/abs/dir"): no Hub repo id looks like that
+        raise FileNotFoundError(f"no folder {pretrained}: pass the folder written by save_pretrained (a Hugging "
+                                f"Face Hub repo id, the other choice, looks like 'owner/name')") from None
     try:
         local = snapshot_download(str(pretrained), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, ADAPTER_NAME],
                                   **hub_kwargs)
     except Exception as exc:  # offline, unknown repo, no access: say what was looked for
         raise FileNotFoundError(
-            f"{pretrained!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"{pretrained!r} is neither a local folder nor a Hugging Face Hub repo that could be fetched "
             f"({type(exc).__name__}: {exc}). Pass the folder written by save_pretrained, or download the repo "
-            f"first (huggingface-cli download {pretrained})."
+            f"first (hf download {pretrained} --local-dir DIR) and pass DIR."
         ) from exc
     return Path(local)
 
