@@ -413,7 +413,8 @@ def test_network_failure_gives_a_clear_error(tmp_path, monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
-    with pytest.raises(FileNotFoundError, match="could not be reached.*FoundationVision/LlamaGen vq_ds8_c2i.pt"):
+    with pytest.raises(FileNotFoundError, match="could not be reached; offline, --local-files-only.*HF_HUB_OFFLINE=1.*"
+                                                "FoundationVision/LlamaGen vq_ds8_c2i.pt"):
         load_vq("vq_ds8_c2i", cache_dir=tmp_path, revision="v1")
     assert calls == [("FoundationVision/LlamaGen", "vq_ds8_c2i.pt",
                       dict(cache_dir=str(tmp_path), revision="v1", local_files_only=False))]

@@ -368,7 +368,9 @@ def _download(info: CheckpointInfo, *, cache_dir: str | os.PathLike[str] | None,
         ))
     except (*not_cached, *network) as exc:
         where = "the Hugging Face cache" if cache_dir is None else f"the Hugging Face cache at {cache_dir}"
-        why = "local_files_only=True" if local_files_only else "the Hugging Face Hub could not be reached"
+        why = "local_files_only=True" if local_files_only else (
+            "the Hugging Face Hub could not be reached; offline, --local-files-only / local_files_only=True or "
+            "HF_HUB_OFFLINE=1 skip the network and its retries")
         cache_opt = "" if cache_dir is None else f" --cache-dir {cache_dir}"
         rev_opt = "" if revision is None else f" --revision {revision}"
         raise FileNotFoundError(
