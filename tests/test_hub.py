@@ -160,13 +160,22 @@ def test_unknown_names_list_the_known_ones(tmp_path):
         checkpoint_info("c2i_Z_256")
     with pytest.raises(ValueError, match="neither an existing file.*c2i_XL_384"):
         resolve_checkpoint("c2i_Z_256")
-    with pytest.raises(ValueError, match="known names"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint file .*missing.pt"):  # a path is a missing file
         resolve_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file nope.safetensors"):
+        load_vq("nope.safetensors")
+    # a loader lists only the names of its own kind
+    with pytest.raises(ValueError, match="known VQ tokenizer names: vq_ds16_c2i, ") as excinfo:
+        load_vq("vq_nope")
+    assert "c2i_B_256" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="known GPT names: c2i_B_256, ") as excinfo:
+        load_llamagen("gpt_nope")
+    assert "vq_ds16_c2i" not in str(excinfo.value)
 
 
 def test_loaders_reject_the_other_kind_before_downloading(tmp_path):
     empty = tmp_path / "empty"
-    with pytest.raises(ValueError, match="load_vq"):
+    with pytest.raises(ValueError, match="'vq_ds16_c2i' is a VQ tokenizer checkpoint, not a GPT; load it with load_vq"):
         load_llamagen("vq_ds16_c2i", cache_dir=empty, local_files_only=True)
     with pytest.raises(ValueError, match="load_llamagen"):
         load_vq("c2i_B_256", cache_dir=empty, local_files_only=True)
@@ -316,6 +325,15 @@ def test_damaged_checkpoint_files_are_a_value_error_naming_the_file(tmp_path):
         load_vq(tmp_path / "truncated.pt", preset="VQ-16", **TINY_VQ)
     with pytest.raises(FileNotFoundError):  # a missing file stays what it is
         load_state_dict_file(tmp_path / "missing.pt", kind="gpt")
+
+
+def test_a_checkpoint_of_the_other_kind_is_named_in_the_error(tmp_path):
+    vq_file = save({"model": tiny_vq().state_dict()}, tmp_path / "tok.pt")
+    with pytest.raises(ValueError, match=f"^{vq_file}: the weights do not look like a LlamaGen GPT state dict"):
+        load_llamagen(vq_file)
+    gpt_file = save({"model": tiny_llamagen().state_dict()}, tmp_path / "gpt.pt")
+    with pytest.raises(ValueError, match=f"^{gpt_file}: the weights do not look like a LlamaGen VQ state dict"):
+        load_vq(gpt_file)
 
 
 def test_file_without_weights_is_rejected(tmp_path):

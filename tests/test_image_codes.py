@@ -477,6 +477,14 @@ def test_tokenize_command_errors(tmp_path, cli_error):
         "--crop-range must be in [1, 4), got 0.5"
     assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--crop-range", "1.05")) == \
         "--crop-range only applies with --ten-crop (the crop its ten views are cut from)"
+    assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--image-size", "12")) == \
+        f"--image-size 12 must be a multiple of the tokenizer's downsample factor 8 (--vq {vq})"
+    assert cli_error(tokenize_argv(folder, tmp_path / "out", Path("c2i_B_256"))) == (
+        "--vq: 'c2i_B_256' is a GPT checkpoint, not a VQ tokenizer; load it with load_llamagen (on the command "
+        "line: pass it as --model)")
+    assert cli_error(tokenize_argv(folder, tmp_path / "out", tmp_path / "nope.safetensors")).startswith(
+        f"--vq: no checkpoint file {tmp_path / 'nope.safetensors'}")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "images16_codes").write_text("a file where the codes folder goes")

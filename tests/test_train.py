@@ -454,6 +454,8 @@ def test_cli_reports_bad_data_naming_the_file(tmp_path, capsys):
     (["--save-every", "-1"], "--save-every must be an integer >= 0, got -1"),
     (["--device", "foo"], "--device foo: "),
     (["--fsdp"], "--fsdp shards the model over the processes of a torchrun launch"),
+    (["--window", "0"], "--window must be >= 1, got 0"),
+    (["--codes", "elsewhere"], "--codes: "),
 ])
 def test_cli_finetune_refuses_bad_settings_naming_the_flag(tmp_path, cli_error, monkeypatch, flags, message):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -9,10 +9,12 @@ a hint on seeing the traceback) and exits with code 2, like argparse does for a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 
 from . import __version__
 
@@ -39,6 +41,21 @@ def error_message(error: BaseException) -> str:
         prefix = f"{type(error).__name__}: "
         return last[len(prefix):] if last.startswith(prefix) else last
     return text
+
+
+@contextlib.contextmanager
+def about_flag(flag: str, value: object = None) -> Iterator[None]:
+    """User errors raised inside name the flag they came from: `FLAG VALUE: message` (`FLAG: message` when the
+    message names the value, nothing added when it starts with the flag), so a message from library code
+    says which part of the command line to fix."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        text = error_message(error)
+        if text.startswith(flag):
+            raise
+        prefix = flag if value is None or str(value) in text else f"{flag} {value}"
+        raise type(error)(f"{prefix}: {text}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:

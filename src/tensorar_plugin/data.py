@@ -186,8 +186,7 @@ class CodesDataset(_AugmentedDataset):
                                  f"LlamaGen's extract_codes_c2i.py or tensorar_plugin.data.tokenize_images)")
             if len(found) > 1:
                 names = ", ".join(p.name for p in found)
-                raise ValueError(f"{root}: several code folders ({names}); pass the one to use, e.g. "
-                                 f"CodesDataset('{found[0]}')")
+                raise ValueError(f"{root}: several code folders ({names}); pass the one to use, e.g. {found[0]}")
             codes = found[0]
         labels = codes.with_name(codes.name[: -len(CODES_SUFFIX)] + LABELS_SUFFIX)
         if not labels.is_dir():

@@ -187,8 +187,16 @@ def list_checkpoints(kind: str | None = None) -> list[str]:
     return [name for name, info in LLAMAGEN_CHECKPOINTS.items() if kind is None or info.kind == kind]
 
 
-def _known_names() -> str:
-    return ", ".join(LLAMAGEN_CHECKPOINTS)
+def _known_names(kind: str | None = None) -> str:
+    return ", ".join(name for name, info in LLAMAGEN_CHECKPOINTS.items() if kind is None or info.kind == kind)
+
+
+#: suffixes of checkpoint files: a missing `name.pt` is a missing file, not an unknown registry name
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or os.sep in name or Path(name).suffix.lower() in _FILE_SUFFIXES
 
 
 def _lookup(name: str) -> CheckpointInfo | None:
@@ -402,6 +410,9 @@ def resolve_checkpoint(
     if path.is_file():
         return path, _lookup(path.name)
     info = _lookup(str(name_or_path))
+    if info is None and _looks_like_path(str(name_or_path)):
+        raise FileNotFoundError(f"no checkpoint file {name_or_path} (nor a LlamaGen registry name; those look "
+                                f"like c2i_B_256 or vq_ds16_c2i)")
     if info is None:
         raise ValueError(
             f"{str(name_or_path)!r} is neither an existing file nor a known LlamaGen checkpoint; "
@@ -492,7 +503,7 @@ def infer_llamagen_config(
             known = ", ".join(f"{k} (dim={p['dim']}, n_layer={p['n_layer']})" for k, p in LLAMAGEN_PRESETS.items())
             raise ValueError(
                 f"no LlamaGen preset has dim={dim} and n_layer={n_layer}; pass preset= (with overrides) or an "
-                f"n_head= override. Known presets: {known}"
+                f"n_head= override (on the command line: --preset, --model-config n_head=N). Known presets: {known}"
             )
     elif preset not in LLAMAGEN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(LLAMAGEN_PRESETS)}")
@@ -624,14 +635,22 @@ def _ensure_kind(info: CheckpointInfo | None, kind: str) -> None:
     if info is not None and info.kind != kind:
         loader = "load_llamagen" if info.kind == "gpt" else "load_vq"
         what = "GPT" if info.kind == "gpt" else "VQ tokenizer"
-        raise ValueError(f"{info.name!r} is a {what} checkpoint; load it with {loader}")
+        wanted = "VQ tokenizer" if info.kind == "gpt" else "GPT"
+        flag = "--model" if info.kind == "gpt" else "--vq"
+        raise ValueError(f"{info.name!r} is a {what} checkpoint, not a {wanted}; load it with {loader} (on the "
+                         f"command line: pass it as {flag})")
 
 
 def _resolve_kind(name_or_path: str | os.PathLike[str], kind: str, **hub_options: Any
                   ) -> tuple[Path, CheckpointInfo | None]:
     """`resolve_checkpoint` that rejects a registry entry of the other kind before downloading it."""
     if not Path(name_or_path).expanduser().is_file():
-        _ensure_kind(_lookup(str(name_or_path)), kind)
+        info = _lookup(str(name_or_path))
+        _ensure_kind(info, kind)
+        if info is None and not _looks_like_path(str(name_or_path)):
+            what = "GPT" if kind == "gpt" else "VQ tokenizer"
+            raise ValueError(f"{str(name_or_path)!r} is neither an existing file nor a known LlamaGen {what} "
+                             f"checkpoint; known {what} names: {_known_names(kind)}")
     path, info = resolve_checkpoint(name_or_path, **hub_options)
     _ensure_kind(info, kind)
     return path, info
@@ -664,7 +683,10 @@ def load_llamagen(
     path, info = _resolve_kind(name_or_path, "gpt", cache_dir=cache_dir, revision=revision,
                                local_files_only=local_files_only)
     state_dict = load_state_dict_file(path, kind="gpt")
-    config, label = _gpt_config(state_dict, info, preset, image_size, config_overrides)
+    try:
+        config, label = _gpt_config(state_dict, info, preset, image_size, config_overrides)
+    except ValueError as err:  # say which file could not be read as a GPT
+        raise ValueError(f"{path}: {err}") from None
     with torch.device("meta"):
         model = LlamaGen(config)
     _fill_weights(model, state_dict, label=label, path=path)
@@ -700,7 +722,10 @@ def load_vq(
                                local_files_only=local_files_only)
     state_dict = load_state_dict_file(path, kind="vq")
     if info is None:
-        config = infer_vq_config(state_dict, preset=preset, **config_overrides)
+        try:
+            config = infer_vq_config(state_dict, preset=preset, **config_overrides)
+        except ValueError as err:  # say which file could not be read as a tokenizer
+            raise ValueError(f"{path}: {err}") from None
         source = "inferred from the weights"
     else:
         config = _vq_preset_config(preset or info.preset, **{**_vq_fields(info), **config_overrides})

@@ -209,6 +209,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..cli import about_flag
     from ..data import CodesDataset, CodeSetsDataset
     from ..hub import load_llamagen
     from ..train import Trainer, distributed_info, init_distributed
@@ -232,9 +233,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--no-augment always reads the first view of the first --codes folder, so the other "
                              f"{len(args.codes) - 1} would never be read: pass one --codes folder, or drop "
                              f"--no-augment")
+        if args.window < 1:
+            raise ValueError(f"--window must be >= 1, got {args.window}")
         overrides = parse_overrides(args.model_config)
-        model = load_llamagen(args.model, preset=args.preset, image_size=args.image_size, cache_dir=args.cache_dir,
-                              local_files_only=args.local_files_only, **overrides)
+        with about_flag("--model", args.model):
+            model = load_llamagen(args.model, preset=args.preset, image_size=args.image_size,
+                                  cache_dir=args.cache_dir, local_files_only=args.local_files_only, **overrides)
         if model.model_type != "c2i":
             raise ValueError(f"{args.model} is a text-conditional model; `tensorar finetune` trains class-conditional "
                              f"models on class-labelled codes. Use tensorar_plugin.train.Trainer with a dataset of "
@@ -242,14 +246,16 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)  # the TensorAR parts start identical on every rank
         given = {name: getattr(args, name) for name in TENSORAR_FLAGS if hasattr(args, name)}
         if args.init_from:
-            wrapper = TensorARWrapper.from_pretrained(args.init_from, model, window=args.window)
+            with about_flag("--init-from", args.init_from):
+                wrapper = TensorARWrapper.from_pretrained(args.init_from, model, window=args.window)
             check_saved_settings(wrapper.config.to_dict(), given, args.init_from)
             wrapper.set_backbone_frozen(args.freeze_backbone)
         else:
             wrapper = TensorARWrapper(model, window=args.window, freeze_backbone=args.freeze_backbone, **given)
-        sets = [CodesDataset(codes, num_tokens=model.block_size, codebook_size=wrapper.vocab_size,
-                             num_classes=model.num_classes, seed=args.seed, augment=not args.no_augment)
-                for codes in args.codes]
+        with about_flag("--codes"):
+            sets = [CodesDataset(codes, num_tokens=model.block_size, codebook_size=wrapper.vocab_size,
+                                 num_classes=model.num_classes, seed=args.seed, augment=not args.no_augment)
+                    for codes in args.codes]
         dataset = sets[0] if len(sets) == 1 else CodeSetsDataset(sets, seed=args.seed, augment=not args.no_augment)
         log.info("dataset: %r", dataset)
         config = _train_config(

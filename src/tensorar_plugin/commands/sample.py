@@ -224,6 +224,7 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
     """
     import torch
 
+    from ..cli import about_flag
     from ..wrapper import TensorARWrapper
 
     base_defaults = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sample")
@@ -262,7 +263,8 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
         wrapper = TensorARWrapper.from_pretrained(path, LlamaGen(config))
         if args.window is not None and args.window != wrapper.window:
             raise ValueError(f"--window {args.window}, but {path} holds a TensorAR model with window {wrapper.window}")
-        vq = load_vq(args.vq, device=device, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
+        with about_flag("--vq", args.vq):
+            vq = load_vq(args.vq, device=device, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
         grid = config.grid_size
         if args.image_size is not None and args.image_size // vq.downsample_factor != grid:
             raise ValueError(f"--image-size {args.image_size} does not fit {path}: its backbone has a {grid}x{grid} "
@@ -271,11 +273,13 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
         desc = f"{path} (window {wrapper.window})"
     else:
         hub = dict(cache_dir=args.cache_dir, local_files_only=args.local_files_only)
-        gpt = load_llamagen(args.model, preset=args.preset, image_size=args.image_size, **hub,
-                            **_backbone_overrides(args))
+        with about_flag("--model", args.model):
+            gpt = load_llamagen(args.model, preset=args.preset, image_size=args.image_size, **hub,
+                                **_backbone_overrides(args))
         info = gpt.hub_info
         if args.tensorar:
-            wrapper = TensorARWrapper.from_pretrained(args.tensorar, gpt, **hub)
+            with about_flag("--tensorar", args.tensorar):
+                wrapper = TensorARWrapper.from_pretrained(args.tensorar, gpt, **hub)
             if args.window is not None and args.window != wrapper.window:
                 raise ValueError(f"--window {args.window}, but {args.tensorar} holds TensorAR parts with window "
                                  f"{wrapper.window}")
@@ -284,7 +288,8 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
         vq_name = args.vq or (info.vq if info is not None else None)
         if vq_name is None:
             raise ValueError("no paired tokenizer known for this model: pass --vq")
-        vq = load_vq(vq_name, device=device, **hub)
+        with about_flag("--vq", vq_name):
+            vq = load_vq(vq_name, device=device, **hub)
         grid = gpt.config.grid_size
         defaults = {**base_defaults, "cfg_scale": (info.cfg_scale if info and info.cfg_scale else 2.0),
                     "top_k": (info.top_k if info and info.top_k and not fid_defaults else 0)}

@@ -58,6 +58,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch.distributed as dist
 
+    from ..cli import about_flag
     from ..hub import load_vq
     from ..image_codes import distributed_sync, tokenize_images
 
@@ -77,7 +78,11 @@ def run(args) -> int:
         raise ValueError(f"IMAGES {args.images}: not a folder (expected one sub-folder of images per class)")
     device, dtype, rank, world, started = start_processes(args)
     try:
-        vq = load_vq(args.vq, device=device, dtype=dtype)
+        with about_flag("--vq", args.vq):
+            vq = load_vq(args.vq, device=device, dtype=dtype)
+        if args.image_size % vq.downsample_factor:
+            raise ValueError(f"--image-size {args.image_size} must be a multiple of the tokenizer's downsample "
+                             f"factor {vq.downsample_factor} (--vq {args.vq})")
         if rank == 0:
             print(f"tokenizing {args.images} with {args.vq} at {args.image_size} px on {world} process(es) into "
                   f"{args.out}", file=sys.stderr)
