@@ -32,7 +32,7 @@ from tensorar_plugin.evaluation import (
     save_statistics,
     tf_bilinear_resize,
 )
-from tensorar_plugin.evaluation.fid import INCEPTION_ENV, iter_image_batches
+from tensorar_plugin.evaluation.fid import INCEPTION_ENV, count_images, iter_image_batches
 from tensorar_plugin.evaluation.samples import LABELS_NAME, SETTINGS_NAME
 from tensorar_plugin.visualize import decode_tokens
 
@@ -380,6 +380,23 @@ def test_npz_and_folder_are_read_in_batches_exactly(tmp_path):
         archive.writestr("x.npy", b"")
     with pytest.raises(ValueError, match="has no 'arr_0'"):
         list(iter_image_batches(tmp_path / "other.npz"))
+    np.savez(tmp_path / "floats.npz", arr_0=images.astype(np.float32) / 255)
+    with pytest.raises(ValueError, match=r"floats.npz:arr_0 must hold uint8 pixels .*got float32"):
+        list(iter_image_batches(tmp_path / "floats.npz"))
+
+
+def test_image_folders_with_class_sub_folders_are_read_in_path_order(tmp_path):
+    """ImageNet's layout (one sub-folder per class) works as a reference folder; hidden entries are skipped."""
+    images, _, _ = write_images(tmp_path, 5, seed=1)
+    root = tmp_path / "classes"
+    for i, image in enumerate(images):
+        (root / f"n0{i % 2}").mkdir(parents=True, exist_ok=True)
+        PIL.fromarray(image).save(root / f"n0{i % 2}" / f"{i:04d}.png")
+    (root / ".cache").mkdir()
+    PIL.fromarray(images[0]).save(root / ".cache" / "0000.png")
+    read = np.concatenate(list(iter_image_batches(root, batch_size=2)))
+    assert np.array_equal(read, images[[0, 2, 4, 1, 3]])  # n00/ first, then n01/
+    assert count_images(root) == 5
 
 
 def test_streamed_statistics_equal_numpy_mean_and_cov(tmp_path):

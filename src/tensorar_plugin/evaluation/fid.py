@@ -149,6 +149,9 @@ def _npz_member_batches(path: Path, key: str, batch_size: int) -> Iterator[np.nd
         shape, fortran, dtype = _read_npy_header(f)
         if fortran or len(shape) != 4:
             raise ValueError(f"{path}:{key} must be a C-ordered [N, H, W, 3] array, got shape {shape}")
+        if dtype != np.uint8:
+            raise ValueError(f"{path}:{key} must hold uint8 pixels (0..255, as the ADM evaluator reads them), got "
+                             f"{dtype}")
         per_item = int(np.prod(shape[1:])) * dtype.itemsize
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
@@ -159,9 +162,11 @@ def _npz_member_batches(path: Path, key: str, batch_size: int) -> Iterator[np.nd
 
 
 def _image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """The images under `folder`, class sub-folders included (ImageNet's layout), sorted by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or in its sub-folders")
     return files
 
 
