@@ -166,10 +166,18 @@ def test_bad_input_raises_value_error_naming_argument(make_inputs, match):
         wrapper(tokens, cond)
 
 
+def test_a_window_as_long_as_the_image_is_allowed():
+    wrapper = TensorARWrapper(tiny_llamagen(), window=16).eval()  # the tiny model generates 16 tokens
+    tokens, cond = batch()
+    assert wrapper(tokens, cond).logits.shape[2] == 16
+    assert wrapper.generate(cond, greedy=True).shape == (len(cond), 16)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"window": 0}, "window"), ({"window": 2, "slot_weights": [1.0]}, "slot_weights"),
-     ({"window": 2, "noise_schedule": "cosine"}, "noise_schedule"), ({"window": 2, "max_noise": 2.0}, "max_noise")],
+     ({"window": 2, "noise_schedule": "cosine"}, "noise_schedule"), ({"window": 2, "max_noise": 2.0}, "max_noise"),
+     ({"window": 17}, r"window \(17\) must be at most the number of image tokens the model generates \(16\)")],
 )
 def test_bad_wrapper_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -184,6 +184,10 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         if config.base_vocab_size is not None and config.base_vocab_size != self.adapter.vocab_size:
             raise ValueError(f"this TensorAR config was made for a codebook of {config.base_vocab_size} tokens, "
                              f"but the model has {self.adapter.vocab_size}")
+        tokens = self.adapter.max_image_tokens
+        if config.window > tokens:
+            raise ValueError(f"window ({config.window}) must be at most the number of image tokens the model "
+                             f"generates ({tokens}): slots past the last token would never be trained or used")
         config.base_hidden_size, config.base_vocab_size = dim, self.adapter.vocab_size
         if config.hidden_dim is None:
             config.hidden_dim = max(dim // 2, 1)
