@@ -484,7 +484,10 @@ def test_tokenize_command_errors(tmp_path, cli_error):
         "line: pass it as --model)")
     assert cli_error(tokenize_argv(folder, tmp_path / "out", tmp_path / "nope.safetensors")).startswith(
         f"--vq: no checkpoint file {tmp_path / 'nope.safetensors'}")
-    assert not (tmp_path / "out").exists()
+    for name in ("../evil", "a/b", ".hidden"):
+        assert cli_error(tokenize_argv(folder, tmp_path / "out", vq, "--name", name)).startswith(
+            f"--name must be a plain folder prefix (no path separators, not starting with '.'), got {name!r}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil_codes").exists()
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "images16_codes").write_text("a file where the codes folder goes")

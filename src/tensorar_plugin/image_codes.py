@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .files import atomic_path
 
-__all__ = ["tokenize_images", "distributed_sync", "center_crop", "ten_crop_views", "IMAGE_EXTENSIONS", "CODES_SUFFIX",
-           "LABELS_SUFFIX", "RECORD_SUFFIX"]
+__all__ = ["tokenize_images", "check_output_name", "distributed_sync", "center_crop", "ten_crop_views",
+           "IMAGE_EXTENSIONS", "CODES_SUFFIX", "LABELS_SUFFIX", "RECORD_SUFFIX"]
 
 #: File extensions `tokenize_images` reads from a folder (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -388,6 +388,14 @@ def _encode(vq_model: nn.Module, views: torch.Tensor, max_views: int) -> torch.T
     return torch.cat([vq_model.encode_to_codes(part) for part in views.split(max_views)])
 
 
+def check_output_name(name: object, what: str = "name") -> None:
+    """`name` must be a plain prefix: `out_root/<name>_codes` has to stay inside `out_root`."""
+    separators = ("/", "\\", os.sep)
+    if not isinstance(name, str) or not name or name.startswith(".") or any(sep in name for sep in separators):
+        raise ValueError(f"{what} must be a plain folder prefix (no path separators, not starting with '.'), "
+                         f"got {name!r}: the output goes to <out>/<name>_codes")
+
+
 @torch.no_grad()
 def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | os.PathLike[str],
                     labels: Any = None, *, batch_size: int = 32, device: str | torch.device | None = None,
@@ -463,6 +471,8 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
             raise ValueError(f"crop_range must be a number in [1, 4), got {crop_range!r}")
     if overwrite and resume:
         raise ValueError("overwrite=True and resume=True contradict each other: pass one of them")
+    if name is not None:
+        check_output_name(name)
     classes: list[str] | None = None
     folder: Path | None = None
     if isinstance(images_or_folder, (str, os.PathLike)):

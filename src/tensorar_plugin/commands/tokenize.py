@@ -60,7 +60,7 @@ def run(args) -> int:
 
     from ..cli import about_flag
     from ..hub import load_vq
-    from ..image_codes import distributed_sync, tokenize_images
+    from ..image_codes import check_output_name, distributed_sync, tokenize_images
 
     for flag in ("image_size", "batch_size"):
         if getattr(args, flag) < 1:
@@ -74,6 +74,8 @@ def run(args) -> int:
         raise ValueError(f"--crop-range must be in [1, 4), got {crop_range}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.name is not None:
+        check_output_name(args.name, "--name")
     if not args.images.is_dir():
         raise ValueError(f"IMAGES {args.images}: not a folder (expected one sub-folder of images per class)")
     device, dtype, rank, world, started = start_processes(args)
