@@ -60,6 +60,19 @@ SAMPLING = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, draft="sampl
 
 DEFAULTS = dict(kmeans_iters=25, ar_steps=1200, ar_batch=48, ar_lr=2e-3, tar_steps=400, tar_lr=1e-3,
                 weight_decay=0.05)
+SETTING_HELP = dict(kmeans_iters="k-means iterations of the patch tokenizer's codebook",
+                    ar_steps="training steps of the plain base model", ar_batch="batch size of both stages",
+                    ar_lr="learning rate of the base model", tar_steps="TensorAR fine-tuning steps",
+                    tar_lr="TensorAR fine-tuning learning rate", weight_decay="AdamW weight decay of both stages")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default (but not "None" or "False")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,16 +213,18 @@ def load_base(directory: Path) -> LlamaGen:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--out", type=Path, required=True,
                    help="bundle folder to write (src/tensorar_plugin/assets/demo replaces the shipped demo)")
-    p.add_argument("--base-out", type=Path, default=ROOT / "benchmarks/results/demo_base")
-    p.add_argument("--work", type=Path, default=Path("/tmp/tensorar_demo_work"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base-out", type=Path, default=ROOT / "benchmarks/results/demo_base",
+                   help="where the plain base model goes (the quality benchmark's starting point)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/tensorar_demo_work"),
+                   help="cache of every stage (a stage is redone when its settings change)")
+    p.add_argument("--seed", type=int, default=0, help="data split, tokenizer, models and training order")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     for key, value in DEFAULTS.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value, help=SETTING_HELP[key])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = args.work
