@@ -273,6 +273,34 @@ def test_training_data_outside_the_model_is_refused_naming_it(tmp_path, bad_code
         Trainer(make_wrapper(), data, config(tmp_path, max_steps=1)).train()
 
 
+class _PaddedCaptions(torch.utils.data.Dataset):
+    """(codes [16], caption features [5, 24], mask [5]): every caption padded at its first two positions."""
+
+    def __init__(self, pad_value: float):
+        gen = torch.Generator().manual_seed(0)
+        self.codes = torch.randint(0, 64, (8, 16), generator=gen)
+        self.feats = torch.randn(8, 5, 24, generator=gen)
+        self.feats[:, :2] = pad_value
+        self.mask = torch.tensor([[0, 0, 1, 1, 1]] * 8)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.codes[i], self.feats[i], self.mask[i]
+
+
+def test_trainer_passes_a_caption_mask_so_padding_cannot_change_training(tmp_path):
+    def final_state(pad_value: float, name: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        base = tiny_llamagen(model_type="t2i", cls_token_num=5, class_dropout_prob=0.0)
+        wrapper = TensorARWrapper(base, window=4)
+        Trainer(wrapper, _PaddedCaptions(pad_value), config(tmp_path, name, max_steps=2, batch_size=4)).train()
+        return wrapper.state_dict()
+
+    assert_same_state(final_state(0.0, "a"), final_state(100.0, "b"))  # the padded positions are never seen
+
+
 def test_trainer_keeps_prompt_id_conditions_whole(tmp_path):
     """Integer conditions of more than one position (prompt ids) must not be flattened like [B, 1] labels."""
     from test_hf_adapter import tiny_llama  # a Llama LM over [prompt ids] + [image ids]

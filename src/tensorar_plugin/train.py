@@ -356,9 +356,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return max(self.batches_per_epoch - self.start_batch, 0) * self.grad_accum_steps
 
 
-def _collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    codes, cond = torch.utils.data.default_collate(batch)[:2]
-    return codes, cond
+def _collate(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`(codes, cond)` items, or `(codes, cond, cond_mask)` for text conditions padded to one length."""
+    sizes = {len(item) for item in batch}
+    if len(sizes) != 1 or not sizes <= {2, 3}:
+        raise ValueError(f"dataset items must be (codes, condition) or (codes, condition, condition_mask); got "
+                         f"items of {sorted(sizes)} elements")
+    collated = torch.utils.data.default_collate(batch)
+    return collated[0], collated[1], (collated[2] if len(collated) == 3 else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,8 +376,10 @@ class Trainer:
 
     Args:
         wrapper: the model; moved to the training device (and sharded in place with `fsdp=True`).
-        dataset: e.g. `CodesDataset` / `TokenDataset`; items are `(LongTensor [T], label)`. A
-            `set_epoch(epoch)` method, if present, is called at every epoch start.
+        dataset: e.g. `CodesDataset` / `TokenDataset`; items are `(LongTensor [T], label)`, or for text
+            conditions `(codes, caption features [L, D])` or `(codes, features, mask [L])` when captions
+            are padded (the mask reaches the model as `cond_mask`). A `set_epoch(epoch)` method, if
+            present, is called at every epoch start.
         config: a `TrainConfig` (defaults if None).
         device: overrides `config.device`.
 
@@ -561,7 +568,7 @@ class Trainer:
                                   grad_accum_steps=cfg.grad_accum_steps, seed=cfg.seed, epoch=epoch,
                                   start_batch=start_batch, shuffle=cfg.shuffle)
 
-    def _micro_batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _micro_batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """This rank's micro-batches from optimizer step `start_step` on, across epochs, forever."""
         cfg = self.config
         epoch, start_batch = divmod(start_step, self.batches_per_epoch)
@@ -590,13 +597,13 @@ class Trainer:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def _train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _train_step(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
         cfg = self.config
         accum = cfg.grad_accum_steps
         loss_sum = slot_sum = None
         tokens = 0
         for micro in range(accum):
-            codes, cond = next(batches)
+            codes, cond, cond_mask = next(batches)
             codes = codes.reshape(codes.shape[0], -1)
             if self.wrapper.adapter.num_classes is not None and cond.dim() == 2 and cond.shape[1] == 1:
                 cond = cond[:, 0]  # labels stored as [1] arrays per item (LlamaGen's layout)
@@ -604,10 +611,12 @@ class Trainer:
                 self._check_batch(codes, cond)
             codes = codes.to(self.device, non_blocking=True)
             cond = cond.to(self.device, non_blocking=True)
+            if cond_mask is not None:
+                cond_mask = cond_mask.to(self.device, non_blocking=True)
             with self._sync_context(micro == accum - 1):
                 with self._autocast():
                     out = self.forward_model(codes, cond, generator=self.noise_generator, validate=False,
-                                             return_logits=not cfg.recompute_logits)
+                                             return_logits=not cfg.recompute_logits, cond_mask=cond_mask)
                 loss, slots = out.loss, out.slot_losses.detach().float()
                 del out  # the logits (if any) are not needed for the backward pass: free them first
                 (loss / accum).backward()
