@@ -220,10 +220,15 @@ def test_cfg_interval_switches_guidance_off_after_the_interval():
     wrapper = wrapped(2)
     always = wrapper.generate(CLASSES, cfg_scale=4.0, greedy=True, draft="argmax")
     never_off = wrapper.generate(CLASSES, cfg_scale=4.0, greedy=True, draft="argmax", cfg_interval=100)
-    early_off = wrapper.generate(CLASSES, cfg_scale=4.0, greedy=True, draft="argmax", cfg_interval=0)
+    unguided = wrapper.generate(CLASSES, cfg_scale=1.0, greedy=True, draft="argmax")
     assert torch.equal(always, never_off)
-    assert torch.equal(always[:, :2], early_off[:, :2])  # prefill and the first decode step stay guided
-    assert not torch.equal(always, early_off)
+    assert not torch.equal(always[:, :4], unguided[:, :4])  # guidance changes these tokens here
+    for interval in (0, 2):  # N guides N + 2 tokens: the prefill and N + 1 decode steps (LlamaGen's counting)
+        early_off = wrapper.generate(CLASSES, cfg_scale=4.0, greedy=True, draft="argmax", cfg_interval=interval)
+        assert torch.equal(always[:, :interval + 2], early_off[:, :interval + 2])
+        assert not torch.equal(always, early_off)
+    with pytest.raises(ValueError, match="cfg_interval must be an integer >= -1"):
+        wrapper.generate(CLASSES, cfg_interval=-7)
 
 
 def test_generate_restores_training_mode_and_runs_in_bf16():

@@ -99,8 +99,9 @@ def generate_windows(
     hidden states `[N, d]` to logits `[N, k, V]`. `greedy` applies to the committed (first) token;
     drafts follow `draft`: "sample" draws them with the same temperature/top-k/top-p, "argmax" takes
     the most likely token. Classifier-free guidance runs the condition and its
-    null counterpart as one batch and mixes every slot's logits; after `cfg_interval` decode steps
-    (when >= 0) the conditional logits are used alone, as in LlamaGen. `compile=True` (or a dict of
+    null counterpart as one batch and mixes every slot's logits; `cfg_interval=N >= 0` guides only the
+    first `N + 2` tokens (the prefill and `N + 1` decode steps, LlamaGen's counting), then uses the
+    conditional logits alone. `compile=True` (or a dict of
     `torch.compile` options) compiles the cached decode step (embedding, backbone, heads) without graph
     breaks; on CUDA the default mode is "reduce-overhead" (CUDA graphs). `cond_mask` `[B, n_cond]`
     (1 = real token) hides padded condition positions, like LlamaGen's `emb_masks` for text.
@@ -110,8 +111,8 @@ def generate_windows(
     greedy = bool(greedy)
     if draft not in DRAFT_MODES:
         raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
-    if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool):
-        raise ValueError(f"cfg_interval must be an integer (-1 keeps guidance on), got {cfg_interval!r}")
+    if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool) or cfg_interval < -1:
+        raise ValueError(f"cfg_interval must be an integer >= -1 (-1 keeps guidance on), got {cfg_interval!r}")
     batch = adapter.check_condition(cond)  # first: it fixes the prompt length that bounds the image length
     total = _check_num_tokens(num_tokens, adapter)
     guided = cfg_scale != 1.0

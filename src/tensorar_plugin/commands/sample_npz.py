@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-size", type=int, default=None,
                    help="resize images to this many pixels (bicubic; LlamaGen evaluates 384-px models at 256)")
     add_sampling_arguments(p)
-    p.add_argument("--cfg-interval", type=int, default=-1, help="guide only the first N tokens (-1: all)")
+    p.add_argument("--cfg-interval", type=int, default=-1,
+                   help="guide only the first N + 2 tokens, as LlamaGen's --cfg-interval N (-1: all)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (one CUDA graph per step)")
     p.add_argument("--reference", default=None,
                    help="reference .npz (mu/sigma or images) or image folder: also compute FID")
