@@ -169,6 +169,18 @@ def test_resuming_with_other_settings_is_an_error(demo, tmp_path):
         sample_images(demo.wrapper, demo.vq, tmp_path, **kwargs, **{**SAMPLING, "top_k": np.int64(5)})
 
 
+def test_a_call_that_failed_before_drawing_does_not_lock_the_folder(demo, tmp_path):
+    kwargs = dict(num_samples=2, batch_size=2, grid=demo.info["grid"], progress=False)
+    with pytest.raises(TypeError, match="sample_images passes \\*\\*sampling to wrapper.generate: .*'cfg'"):
+        sample_images(demo.wrapper, demo.vq, tmp_path, cfg=2.0, **kwargs)  # misspelt: refused before any write
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="cfg_scale"):
+        sample_images(demo.wrapper, demo.vq, tmp_path, **kwargs, **{**SAMPLING, "cfg_scale": -2.0})
+    sample_images(demo.wrapper, demo.vq, tmp_path, **kwargs, **SAMPLING)  # no image was drawn: the fix goes on
+    assert json.loads((tmp_path / SETTINGS_NAME).read_text())["cfg_scale"] == SAMPLING["cfg_scale"]
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
 def test_a_failed_png_write_stops_the_run_and_leaves_no_partial_file(demo, tmp_path, monkeypatch):
     original = PIL.Image.save
 

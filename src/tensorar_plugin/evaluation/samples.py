@@ -12,6 +12,7 @@ nor on whether the run was interrupted and resumed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -69,11 +70,13 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], labels: torch.Tensor
         differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if not differ and not np.array_equal(np.load(labels_path), labels.numpy()):
             differ = ["labels"]
-        if differ:
+        if not differ:
+            return
+        if not (create and not any(folder.glob("*.png"))):
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
             raise ValueError(f"{folder} holds samples drawn with other settings ({detail}); use a new folder "
                              "or the same settings to resume")
-        return
+        settings_path.unlink()  # nothing was drawn with them (a call that failed early): record the new ones
     if not create:
         raise RuntimeError(f"{folder} has no {SETTINGS_NAME}: rank 0 writes it first (pass barrier= when "
                            "several processes sample into one folder)")
@@ -111,6 +114,10 @@ def sample_images(wrapper, vq, out_dir: str | os.PathLike[str], *, num_samples: 
         raise ValueError(f"eval_size must be >= 1, got {eval_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    try:  # a misspelt setting fails here, before the folder records anything
+        inspect.signature(wrapper.generate).bind(None, **sampling)
+    except TypeError as err:
+        raise TypeError(f"sample_images passes **sampling to wrapper.generate: {err}") from None
     num_classes = wrapper.adapter.num_classes
     if isinstance(labels, str):
         if num_classes is None:
