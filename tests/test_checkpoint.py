@@ -48,6 +48,27 @@ def test_adapter_only_round_trip(tmp_path):
     assert_same_state(wrapper, loaded)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["window"] == 4 and config["includes_backbone"] is False
+    # it comes back as it was saved: backbone frozen, so saving again writes the adapter format again
+    assert loaded.backbone_frozen and not any(p.requires_grad for p in loaded.base_model.parameters())
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / ADAPTER_NAME).is_file() and not (tmp_path / "again" / WEIGHTS_NAME).exists()
+    full = tmp_path / "full"
+    trained_like().save_pretrained(full)
+    assert not TensorARWrapper.from_pretrained(full, tiny_llamagen(seed=1)).backbone_frozen
+
+
+def test_a_wrapper_starts_in_the_mode_of_the_model_it_wraps(tmp_path):
+    """nn.Module's default (training) would leave an eval-mode checkpoint half in training mode."""
+    for mode in (False, True):
+        base = tiny_llamagen().train(mode)
+        wrapper = TensorARWrapper(base, window=3)
+        assert wrapper.training is mode and all(m.training is mode for m in wrapper.modules())
+    trained_like().save_pretrained(tmp_path)
+    loaded = TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen(seed=1))  # an eval-mode base model
+    assert not any(m.training for m in loaded.modules())
+    tokens, cond = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, cond).loss, loaded(tokens, cond).loss)  # no draft noise: repeatable
 
 
 def test_save_backbone_overrides_and_replaces_stale_file(tmp_path):

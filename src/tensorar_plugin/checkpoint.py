@@ -145,6 +145,9 @@ def load_wrapper(cls, pretrained: str | Path, model: nn.Module, *, adapter: Back
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                                    strict=True)
+        # saved from a frozen backbone: keep it frozen, or training it and saving again would quietly switch
+        # to the whole-model format (set_backbone_frozen(False) trains it on purpose)
+        wrapper.set_backbone_frozen(True)
     else:
         raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {ADAPTER_NAME}")
     return wrapper

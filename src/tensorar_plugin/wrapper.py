@@ -217,6 +217,11 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         #: hold the draft accuracy of training forwards until `update_draft_accuracy()` (see there)
         self.defer_draft_accuracy = False
         self._pending_accuracy: torch.Tensor | None = None
+        # start in the mode of the model wrapped (an eval-mode checkpoint gives an eval-mode wrapper), not in
+        # nn.Module's default training mode: half a model in training mode would noise drafts without dropout
+        self.training = model.training
+        for module in self.new_modules().values():
+            module.train(model.training)
 
     def _set_noise_schedule(self, schedule) -> None:
         """Noise training windows with `schedule` (a name or a callable). A fixed schedule's `beta` is computed,
