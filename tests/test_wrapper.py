@@ -147,6 +147,26 @@ def test_t2i_training_forward():
     assert out.logits.shape == (2, 16, 3, 64) and torch.isfinite(out.loss)
 
 
+def test_narrow_integer_ids_and_other_float_caption_dtypes_give_the_same_results():
+    """int32 / uint8 codes and labels (numpy-made data) and bf16 caption features (T5 runs in bf16) are cast,
+    not left to fail inside torch; integer caption features are refused naming `cond`."""
+    wrapper = TensorARWrapper(tiny_llamagen(), window=3).eval()
+    tokens, cond = batch(2)
+    with torch.no_grad():
+        expected = wrapper(tokens, cond)
+        for dtype in (torch.int32, torch.uint8):
+            out = wrapper(tokens.to(dtype), cond.to(dtype))
+            assert torch.equal(out.logits, expected.logits) and torch.equal(out.loss, expected.loss)
+        assert torch.equal(wrapper.generate(cond.to(torch.int32), greedy=True), wrapper.generate(cond, greedy=True))
+    t2i = TensorARWrapper(tiny_llamagen(model_type="t2i", cls_token_num=5), window=3).eval()
+    feats = torch.randn(2, 5, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(t2i(tokens, feats).logits, t2i(tokens, feats.float()).logits)
+        assert torch.equal(t2i.generate(feats, greedy=True), t2i.generate(feats.float(), greedy=True))
+    with pytest.raises(ValueError, match="cond must be floating-point caption features, got dtype torch.int64"):
+        t2i(tokens, torch.zeros(2, 5, 24, dtype=torch.long))
+
+
 @pytest.mark.parametrize(
     ("make_inputs", "match"),
     [

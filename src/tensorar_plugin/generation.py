@@ -114,6 +114,10 @@ def generate_windows(
     if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool) or cfg_interval < -1:
         raise ValueError(f"cfg_interval must be an integer >= -1 (-1 keeps guidance on), got {cfg_interval!r}")
     batch = adapter.check_condition(cond)  # first: it fixes the prompt length that bounds the image length
+    cond = cond.to(adapter.device)  # labels made on the CPU for a model on the GPU (no copy when already there)
+    if generator is not None and generator.device.type != adapter.device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {adapter.device}: make it with "
+                         f"torch.Generator(device={str(adapter.device)!r})")
     total = _check_num_tokens(num_tokens, adapter)
     guided = cfg_scale != 1.0
     if guided and not adapter.has_null_condition:

@@ -323,6 +323,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             rows = tokens.shape[0] if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None
             self.adapter.check_condition(cond, rows)
             self._check_tokens(tokens)
+        tokens = tokens.long()  # int32 / uint8 codes: the loss's targets must be int64 (no copy when they are)
         k = self.window
         train_cond = self.base_model.training and self.config.label_dropout
         cond_embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)

@@ -75,6 +75,10 @@ class LlamaGenAdapter(BackboneAdapter):
         return self.model.tok_embeddings(ids)
 
     def embed_condition(self, cond, *, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.model_type == "c2i":
+            cond = cond.long()  # int32 / uint8 labels: nn.Embedding takes int64 ids (no copy when they are)
+        else:  # caption features made in another dtype (T5 runs in bf16) meet the projection in its own
+            cond = cond.to(self.model.cls_embedding.cap_proj.fc1.weight.dtype)
         emb = self.model.cls_embedding(cond, train=train, force_drop_ids=force_drop_ids)
         return emb[:, : self.num_cond_tokens]
 
@@ -169,4 +173,6 @@ class LlamaGenAdapter(BackboneAdapter):
             if cond.dim() != 3 or cond.shape[-1] != in_dim or cond.shape[1] < self.num_cond_tokens:
                 raise ValueError(f"{name} must be caption features [B, >= {self.num_cond_tokens}, {in_dim}], "
                                  f"got shape {tuple(cond.shape)}")
+            if not cond.dtype.is_floating_point:
+                raise ValueError(f"{name} must be floating-point caption features, got dtype {cond.dtype}")
         return cond.shape[0]
