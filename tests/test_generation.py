@@ -231,6 +231,24 @@ def test_cfg_interval_switches_guidance_off_after_the_interval():
         wrapper.generate(CLASSES, cfg_interval=-7)
 
 
+def test_kv_caches_stay_for_the_next_sampling_call_but_not_into_training():
+    wrapper = wrapped(4).eval()
+
+    def cached() -> bool:
+        return any(layer.attention.kv_cache is not None for layer in wrapper.base_model.layers)
+
+    first = wrapper.generate(CLASSES, greedy=True, draft="argmax")
+    assert cached()  # kept: the next call reuses them
+    assert torch.equal(wrapper.generate(CLASSES, greedy=True, draft="argmax"), first)
+    wrapper.train()  # a training forward has no use for them: they are freed
+    assert not cached()
+    wrapper.generate(CLASSES, greedy=True, draft="argmax")  # sampling from a model in training (a notebook preview)
+    assert not cached() and wrapper.training
+    assert torch.equal(wrapper.eval().generate(CLASSES, greedy=True, draft="argmax"), first)  # set up again when needed
+    wrapper.clear_caches()
+    assert not cached()
+
+
 def test_generate_restores_training_mode_and_runs_in_bf16():
     wrapper = wrapped(4).train()
     wrapper.base_model.eval()  # a frozen backbone kept in eval mode while the new parts train

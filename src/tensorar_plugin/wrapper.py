@@ -256,6 +256,17 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
     def num_new_parameters(self) -> int:
         return sum(p.numel() for m in self.new_modules().values() for p in m.parameters())
 
+    def train(self, mode: bool = True) -> TensorARWrapper:
+        """`nn.Module.train`; entering training mode also frees the KV caches `generate` keeps for its next
+        call (batch x length x layers of keys and values, of no use to a training forward)."""
+        if mode:
+            self.clear_caches()
+        return super().train(mode)
+
+    def clear_caches(self) -> None:
+        """Free the KV caches left by `generate` (the next call sets them up again)."""
+        self.adapter.clear_caches()
+
     def set_backbone_frozen(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) every base-model parameter; the new parts stay trainable."""
         for param in self.base_model.parameters():
