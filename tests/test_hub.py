@@ -31,7 +31,7 @@ from tensorar_plugin.hub import (
     resolve_checkpoint,
 )
 from tensorar_plugin.models.llamagen import LLAMAGEN_PRESETS, LlamaGen, build_llamagen
-from tensorar_plugin.models.vq import VQModel, build_vq
+from tensorar_plugin.models.vq import VQConfig, VQModel, build_vq
 
 #: Architecture of conftest's tiny GPT, as overrides on top of a preset (weights cannot tell n_head).
 TINY_ARCH = dict(dim=32, n_layer=2, n_head=4, multiple_of=16, block_size=16)
@@ -281,6 +281,20 @@ def test_vq8_is_inferred_from_the_stage_count(tmp_path):
     loaded = load_vq(path)
     assert loaded.config.encoder_ch_mult == [1, 2, 2, 4] and loaded.downsample_factor == 8
     assert torch.equal(vq_outputs(loaded)[1], vq_outputs(model)[1])
+
+
+def test_a_custom_vq_of_no_preset_loads_with_its_stages_read_from_the_weights(tmp_path):
+    torch.manual_seed(0)
+    model = VQModel(VQConfig(codebook_size=32, codebook_embed_dim=4, encoder_ch_mult=[1, 2, 2],
+                             decoder_ch_mult=[1, 2, 4], z_channels=8, base_channels=32, num_res_blocks=1)).eval()
+    path = save({"model": model.state_dict()}, tmp_path / "small_vq.pt")
+    for kwargs in ({}, {"preset": "VQ-16", "encoder_ch_mult": [1, 2, 2], "decoder_ch_mult": [1, 2, 4]}):
+        loaded = load_vq(path, **kwargs)  # overrides win over the preset's stages, as documented
+        assert (loaded.config.encoder_ch_mult, loaded.config.decoder_ch_mult) == ([1, 2, 2], [1, 2, 4])
+        assert loaded.downsample_factor == 4
+        images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.no_grad():
+            assert torch.equal(loaded.encode_to_codes(images), model.encode_to_codes(images))
 
 
 def test_pickle_with_code_is_refused_and_not_run(tmp_path):

@@ -544,6 +544,22 @@ def _vq_preset_name(config: VQConfig) -> str | None:
     return next((name for name, stages in _vq_preset_stages().items() if stages == mult), None)
 
 
+def _vq_channel_multipliers(state_dict: Mapping[str, Any], base: int) -> dict[str, list[int]]:
+    """`encoder_ch_mult` / `decoder_ch_mult` read off each stage's first convolution (width base * mult);
+    empty when the weights lack those convolutions (a partial state dict)."""
+    found: dict[str, list[int]] = {}
+    for part in ("encoder", "decoder"):
+        widths = []
+        for stage in range(_count_indices(state_dict, f"{part}.conv_blocks.")):
+            weight = state_dict.get(f"{part}.conv_blocks.{stage}.res.0.conv1.weight")
+            if weight is None or weight.shape[0] % base:
+                return {}
+            widths.append(int(weight.shape[0]) // base)
+        if widths:  # the decoder runs its stages from the widest down
+            found[f"{part}_ch_mult"] = widths if part == "encoder" else widths[::-1]
+    return found
+
+
 def infer_vq_config(state_dict: Mapping[str, Any], *, preset: str | None = None, **overrides: Any) -> VQConfig:
     """The `VQConfig` that a VQ tokenizer state dict fits (works on meta-device state dicts).
 
@@ -553,18 +569,19 @@ def infer_vq_config(state_dict: Mapping[str, Any], *, preset: str | None = None,
     ``codebook_show_usage`` from the presence of ``quantize.codebook_used``. ``overrides`` win.
     """
     codebook = _require(state_dict, "quantize.embedding.weight", "LlamaGen VQ state dict")
+    fields: dict[str, Any] = dict(codebook_size=int(codebook.shape[0]), codebook_embed_dim=int(codebook.shape[1]))
+    if "encoder.conv_in.weight" in state_dict:
+        fields["base_channels"] = int(state_dict["encoder.conv_in.weight"].shape[0])
+        fields.update(_vq_channel_multipliers(state_dict, fields["base_channels"]))
     if preset is None:
         stages = _count_indices(state_dict, "encoder.conv_blocks.")
         by_stages = {len(mult): name for name, mult in _vq_preset_stages().items()}
-        if stages not in by_stages:
+        if stages not in by_stages and "encoder_ch_mult" not in fields:
             raise ValueError(
                 f"no VQ preset has {stages} encoder stages (known: "
                 f"{', '.join(f'{v}: {k}' for k, v in by_stages.items())}); pass preset="
             )
-        preset = by_stages[stages]
-    fields: dict[str, Any] = dict(codebook_size=int(codebook.shape[0]), codebook_embed_dim=int(codebook.shape[1]))
-    if "encoder.conv_in.weight" in state_dict:
-        fields["base_channels"] = int(state_dict["encoder.conv_in.weight"].shape[0])
+        preset = by_stages.get(stages, "VQ-16")  # a custom stage count: VQ-16's other settings, these stages
     if "encoder.conv_out.weight" in state_dict:
         fields["z_channels"] = int(state_dict["encoder.conv_out.weight"].shape[0])
     res_blocks = _count_indices(state_dict, "encoder.conv_blocks.0.res.")

@@ -547,12 +547,12 @@ class VQModel(nn.Module):
 
 def VQ_16(**kwargs: Any) -> VQModel:  # noqa: N802 - preset names follow LlamaGen
     """Tokenizer with 16x downsampling (256px image -> 16x16 codes), as in vq_ds16_*.pt."""
-    return VQModel(VQConfig(encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4], **kwargs))
+    return VQModel(VQConfig(**{"encoder_ch_mult": [1, 1, 2, 2, 4], "decoder_ch_mult": [1, 1, 2, 2, 4], **kwargs}))
 
 
 def VQ_8(**kwargs: Any) -> VQModel:  # noqa: N802 - preset names follow LlamaGen
     """Tokenizer with 8x downsampling (256px image -> 32x32 codes), as in vq_ds8_c2i.pt."""
-    return VQModel(VQConfig(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4], **kwargs))
+    return VQModel(VQConfig(**{"encoder_ch_mult": [1, 2, 2, 4], "decoder_ch_mult": [1, 2, 2, 4], **kwargs}))
 
 
 VQ_MODELS: dict[str, Callable[..., VQModel]] = {"VQ-16": VQ_16, "VQ-8": VQ_8}
