@@ -252,6 +252,16 @@ def test_config_validation(tmp_path):
     Trainer(make_wrapper(freeze_backbone=True), random_dataset(), config(tmp_path, save_backbone=False))
 
 
+def test_train_until_step_must_be_a_step(tmp_path):
+    trainer = Trainer(make_wrapper(), random_dataset(), config(tmp_path, max_steps=3))
+    for bad in (-3, 2.7, "3", True):
+        with pytest.raises(ValueError, match="until_step must be an integer >= 0"):
+            trainer.train(until_step=bad)
+    assert trainer.step == 0
+    trainer.train(until_step=1)
+    assert trainer.step == 1
+
+
 def test_trainer_on_cuda_without_a_gpu_is_a_value_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="'cuda', but torch sees no CUDA GPU here"):

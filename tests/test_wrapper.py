@@ -186,6 +186,18 @@ def test_bad_input_raises_value_error_naming_argument(make_inputs, match):
         wrapper(tokens, cond)
 
 
+def test_numpy_integers_are_taken_and_saved_as_ints(tmp_path):
+    import numpy as np
+
+    wrapper = TensorARWrapper(tiny_llamagen(), window=np.int64(3), encoder_depth=np.int32(1))
+    assert type(wrapper.config.window) is int and wrapper.window == 3
+    wrapper.save_pretrained(tmp_path)  # the config is JSON: a numpy integer would not serialise
+    assert TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen()).window == 3
+    for bad in (2.0, True, "3"):
+        with pytest.raises(ValueError, match="window must be an integer >= 1"):
+            TensorARWrapper(tiny_llamagen(), window=bad)
+
+
 def test_a_window_as_long_as_the_image_is_allowed():
     wrapper = TensorARWrapper(tiny_llamagen(), window=16).eval()  # the tiny model generates 16 tokens
     tokens, cond = batch()

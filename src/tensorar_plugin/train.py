@@ -669,6 +669,9 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.config
+        if until_step is not None and (not isinstance(until_step, numbers.Integral) or isinstance(until_step, bool)
+                                       or until_step < 0):
+            raise ValueError(f"until_step must be an integer >= 0 (a step to stop at) or None, got {until_step!r}")
         stop = cfg.max_steps if until_step is None else min(int(until_step), cfg.max_steps)
         if self.is_main:
             (self.out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

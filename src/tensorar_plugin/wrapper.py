@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -61,15 +62,13 @@ class TensorARConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
-        for name in ("encoder_depth", "decoder_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.hidden_dim is not None and self.hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim!r}")
-        if self.num_heads is not None and self.num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {self.num_heads!r}")
+        for name in ("window", "encoder_depth", "decoder_depth", "hidden_dim", "num_heads"):
+            value = getattr(self, name)
+            if value is None and name in ("hidden_dim", "num_heads"):
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            setattr(self, name, int(value))  # numpy integers become ints: the config is saved as JSON
         if self.num_heads is not None and self.hidden_dim is not None and self.hidden_dim % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_dim ({self.hidden_dim})")
         if self.mlp_ratio <= 0:
