@@ -71,6 +71,18 @@ def test_toy_model_cached_generation_equals_uncached(window, kv_cache):
     assert torch.equal(wrapper.generate(labels[:2], 5, **GREEDY), inside)
 
 
+def test_toy_model_decode_step_compiles_as_one_graph_and_samples_like_eager():
+    """docs/adapters.md: a ModuleAdapter's cached step has no host sync, so it compiles without graph breaks."""
+    model = toy()
+    wrapper = perturb_heads_(TensorARWrapper(model, window=4, adapter=example.toy_adapter(model))).eval()
+    _, labels = batch()
+    settings = dict(cfg_scale=2.0, top_k=8)
+    eager = wrapper.generate(labels, generator=torch.Generator().manual_seed(0), **settings)
+    compiled = wrapper.generate(labels, generator=torch.Generator().manual_seed(0), **settings,
+                                compile={"backend": "aot_eager", "fullgraph": True})  # a graph break would raise
+    assert torch.equal(compiled, eager)
+
+
 def test_plain_sampling_matches_a_greedy_loop_over_the_models_forward():
     model = toy()
     adapter = example.toy_adapter(model)

@@ -210,6 +210,26 @@ def test_generator_reproducibility_and_num_tokens():
     assert a.shape == (4, 10) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sampled_drafts_stay_sampled_when_the_committed_token_is_greedy():
+    wrapper = wrapped(4)
+
+    def history(draft: str, seed: int) -> torch.Tensor:
+        return wrapper.generate(CLASSES, greedy=True, draft=draft, return_history=True,
+                                generator=torch.Generator().manual_seed(seed)).history
+
+    assert torch.equal(history("argmax", 0), history("argmax", 1))  # nothing random left
+    assert not torch.equal(history("sample", 0)[..., :-1], history("sample", 1)[..., :-1])  # drafts drawn
+
+
+def test_cfg_scale_zero_samples_from_the_null_condition_alone():
+    """Unlike LlamaGen (which skips guidance for cfg_scale <= 1), any scale != 1 mixes: 0 is unconditional."""
+    wrapper = wrapped(4)
+    null = torch.full_like(CLASSES, wrapper.base_model.num_classes)
+    unconditional = wrapper.generate(CLASSES, cfg_scale=0.0, greedy=True, draft="argmax")
+    assert torch.equal(unconditional, wrapper.generate(null, cfg_scale=1.0, greedy=True, draft="argmax"))
+    assert not torch.equal(unconditional, wrapper.generate(CLASSES, cfg_scale=1.0, greedy=True, draft="argmax"))
+
+
 def test_top_k_one_is_greedy():
     wrapper = wrapped(3)
     assert torch.equal(wrapper.generate(CLASSES, top_k=1, draft="argmax", generator=torch.Generator()),

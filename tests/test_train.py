@@ -148,6 +148,15 @@ def test_resume_refuses_a_checkpoint_of_another_window(tmp_path):
 
 
 
+def test_resume_from_a_damaged_checkpoint_is_a_value_error_naming_the_file(tmp_path):
+    data = random_dataset()
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=1, ckpt_every=1)).train()
+    state = tmp_path / "run" / "checkpoint-1" / "trainer_state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # a copy that stopped early
+    with pytest.raises(ValueError, match=f"cannot read {state}: the file is damaged"):
+        Trainer(make_wrapper(), data, config(tmp_path, resume_from="latest"))
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 def test_resume_refuses_a_checkpoint_of_another_model_naming_the_mismatch(tmp_path, frozen):
     data = random_dataset()

@@ -63,7 +63,7 @@ def add_model_arguments(p) -> None:
                         "folder carries its own")
     p.add_argument("--window", type=int, default=None,
                    help="window for a hub model without --tensorar parts: 1 (default) samples plainly; "
-                        "larger windows add untrained parts that change nothing but speed")
+                        "larger windows add untrained parts: the same distribution (and greedy tokens), slower")
     p.add_argument("--preset", default=None,
                    help="LlamaGen preset (GPT-B, ...) of a checkpoint file whose shape cannot be inferred")
     p.add_argument("--model-config", action="append", default=[], metavar="KEY=VALUE",
