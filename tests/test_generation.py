@@ -306,6 +306,8 @@ def test_progress_bar(capsys):
         ({"cfg_scale": 1e39}, "cfg_scale"), ({"top_p": float("nan")}, "top_p"), ({"top_k": 2.0}, "top_k"),
         ({"greedy": "no"}, "greedy"),
         ({"num_tokens": 17}, "num_tokens"), ({"num_tokens": 0}, "num_tokens"), ({"draft": "beam"}, "draft"),
+        ({"use_cache": None}, "use_cache must be True or False"), ({"return_history": "yes"}, "return_history"),
+        ({"compile": "no"}, "compile must be True, False or a dict"), ({"progress": 1}, "progress"),
     ],
 )
 def test_invalid_sampling_arguments(kwargs, match):

@@ -209,7 +209,8 @@ def test_a_window_as_long_as_the_image_is_allowed():
     ("kwargs", "match"),
     [({"window": 0}, "window"), ({"window": 2, "slot_weights": [1.0]}, "slot_weights"),
      ({"window": 2, "noise_schedule": "cosine"}, "noise_schedule"), ({"window": 2, "max_noise": 2.0}, "max_noise"),
-     ({"window": 17}, r"window \(17\) must be at most the number of image tokens the model generates \(16\)")],
+     ({"window": 17}, r"window \(17\) must be at most the number of image tokens the model generates \(16\)"),
+     ({"window": 2, "freeze_backbone": "no"}, "freeze_backbone must be True or False")],
 )
 def test_bad_wrapper_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

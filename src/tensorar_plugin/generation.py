@@ -15,6 +15,7 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm  # plain text bar: tqdm.auto warns in notebooks without ipywidgets
 
@@ -26,7 +27,7 @@ __all__ = ["GenerationOutput", "WindowRule", "generate_windows", "sample_plain",
 
 DRAFT_MODES = ("sample", "argmax")
 #: decode steps attend to the filled KV cache rounded up to this many positions (adapters with `supports_kv_len`):
-#: a 256-token image reads ~60% of the static cache on average, in 5 key lengths (5 CUDA graphs, one compile)
+#: a 256-token image reads ~60% of the static cache on average, in 4 key lengths (4 CUDA graphs, one compile)
 KV_BUCKET = 64
 _STEP_IDS = itertools.count()  # names the code of each compiled decode step apart (see `_own_code`)
 
@@ -111,6 +112,11 @@ def generate_windows(
     greedy = bool(greedy)
     if draft not in DRAFT_MODES:
         raise ValueError(f"draft must be one of {DRAFT_MODES}, got {draft!r}")
+    for name, value in (("use_cache", use_cache), ("return_history", return_history), ("progress", progress)):
+        if not isinstance(value, (bool, np.bool_)):  # a truthy "no" or None would silently pick a path
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if not isinstance(compile, (bool, dict)):
+        raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
     if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool) or cfg_interval < -1:
         raise ValueError(f"cfg_interval must be an integer >= -1 (-1 keeps guidance on), got {cfg_interval!r}")
     batch = adapter.check_condition(cond)  # first: it fixes the prompt length that bounds the image length

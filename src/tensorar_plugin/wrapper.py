@@ -268,6 +268,8 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
 
     def set_backbone_frozen(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) every base-model parameter; the new parts stay trainable."""
+        if not isinstance(frozen, bool):  # "no" would freeze
+            raise ValueError(f"freeze_backbone must be True or False, got {frozen!r}")
         for param in self.base_model.parameters():
             param.requires_grad_(not frozen)
         self.backbone_frozen = frozen
