@@ -558,3 +558,6 @@ def test_condition_mask_hides_padded_text_tokens_in_generation_and_training():
     with pytest.raises(ValueError, match="cond_mask must hold only 1"):
         wrapper.generate(caption, cond_mask=mask * 0.3)
     assert torch.equal(wrapper.generate(caption, cond_mask=mask.float(), **kwargs), masked)
+    # longer captions are cut to cls_token_num (as LlamaGen does), and their masks with them
+    longer, longer_mask = torch.cat([caption, torch.randn(2, 3, 24)], 1), torch.cat([mask, torch.ones(2, 3)], 1)
+    assert torch.equal(wrapper.generate(longer, cond_mask=longer_mask, **kwargs), masked)

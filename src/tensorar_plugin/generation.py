@@ -229,13 +229,17 @@ def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: in
                     check_values: bool = True) -> torch.Tensor:
     """Validate a `[B, n_cond]` condition mask; boolean, duplicated for the null half under guidance.
 
-    `check_values=False` skips the 0/1 check, the one part that reads the mask back from the device."""
+    A longer mask `[B, L > n_cond]` is cut to its first `n_cond` columns, as the condition features it
+    goes with are (LlamaGen keeps the first `cls_token_num` caption tokens). `check_values=False` skips
+    the 0/1 check, the one part that reads the mask back from the device."""
     if not adapter.condition_mask_supported():
         raise ValueError(f"cond_mask is not supported by {type(adapter).__name__}")
-    expected = (batch, adapter.num_cond_tokens)
-    if not isinstance(cond_mask, torch.Tensor) or tuple(cond_mask.shape) != expected:
-        raise ValueError(f"cond_mask must have shape {expected} (batch, condition tokens), got "
-                         f"{tuple(getattr(cond_mask, 'shape', ()))}")
+    n_cond = adapter.num_cond_tokens
+    shape = tuple(getattr(cond_mask, "shape", ()))
+    if not isinstance(cond_mask, torch.Tensor) or len(shape) != 2 or shape[0] != batch or shape[1] < n_cond:
+        raise ValueError(f"cond_mask must have shape ({batch}, {n_cond}) (batch, condition tokens; longer masks "
+                         f"are cut like the features), got {shape}")
+    cond_mask = cond_mask[:, :n_cond]
     if check_values and cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
         raise ValueError("cond_mask must hold only 1 (real token) and 0 (padding)")
     cond_mask = cond_mask.to(adapter.device).bool()
