@@ -131,6 +131,17 @@ def test_label_dropout_option():
     assert not torch.allclose(off(tokens, cond).logits[:, :, 0], null[:, :, 0])
 
 
+def test_force_drop_ids_as_a_list_works_and_a_wrong_length_is_refused():
+    wrapper = TensorARWrapper(tiny_llamagen(), window=2).eval()
+    tokens, cond = batch()
+    with torch.no_grad():
+        as_list = wrapper(tokens, cond, force_drop_ids=[1, 0, 1]).logits
+        as_tensor = wrapper(tokens, cond, force_drop_ids=torch.tensor([1, 0, 1])).logits
+    assert torch.equal(as_list, as_tensor)
+    with pytest.raises(ValueError, match=r"force_drop_ids must hold one 0/1 flag per batch item, shape \(3,\)"):
+        wrapper(tokens, cond, force_drop_ids=torch.tensor([1, 0]))
+
+
 def test_bf16_autocast_training_step():
     wrapper = perturb_heads_(TensorARWrapper(tiny_llamagen(), window=4)).train()
     tokens, cond = batch()

@@ -336,6 +336,11 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             self.adapter.check_condition(cond, rows)
             self._check_tokens(tokens)
         tokens = tokens.long()  # int32 / uint8 codes: the loss's targets must be int64 (no copy when they are)
+        if force_drop_ids is not None:
+            force_drop_ids = torch.as_tensor(force_drop_ids, device=tokens.device)
+            if tuple(force_drop_ids.shape) != (tokens.shape[0],):
+                raise ValueError(f"force_drop_ids must hold one 0/1 flag per batch item, shape ({tokens.shape[0]},), "
+                                 f"got {tuple(force_drop_ids.shape)}")
         k = self.window
         train_cond = self.base_model.training and self.config.label_dropout
         cond_embeddings = self.adapter.embed_condition(cond, train=train_cond, force_drop_ids=force_drop_ids)
