@@ -118,6 +118,13 @@ def test_truncated_weights_file_is_a_value_error_naming_it(tmp_path):
         TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
 
 
+def test_damaged_config_file_is_a_value_error_naming_it(tmp_path):
+    trained_like().save_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"window": 4, "noise_')
+    with pytest.raises(ValueError, match=f"cannot read {tmp_path / CONFIG_NAME}: the file is damaged"):
+        TensorARWrapper.from_pretrained(tmp_path, tiny_llamagen())
+
+
 def test_offline_hub_repo_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="'someone/not-here' is neither a local folder nor a Hugging Face "
                                                 "Hub repo that could be fetched.*hf download someone/not-here"):

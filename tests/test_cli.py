@@ -79,3 +79,18 @@ def test_hub_models_default_to_no_top_k_for_fid_samples(monkeypatch):
     assert hub.LLAMAGEN_CHECKPOINTS["c2i_B_256"].top_k == 2000
     assert sample.load_model(args, "cpu", None)[3]["top_k"] == 2000
     assert sample.load_model(args, "cpu", None, fid_defaults=True)[3]["top_k"] == 0
+
+
+def test_flag_context_keeps_errors_that_cannot_be_rebuilt_from_a_message():
+    """`about_flag` re-raises with the flag in front; JSONDecodeError & co. become the listed kind they are."""
+    import json
+
+    from tensorar_plugin.cli import about_flag
+
+    with pytest.raises(ValueError, match=r"^--tensorar dir: Expecting value") as excinfo:
+        with about_flag("--tensorar", "dir"):
+            json.loads("")
+    assert type(excinfo.value) is ValueError
+    with pytest.raises(FileNotFoundError, match="^--vq: no checkpoint file x.pt"):
+        with about_flag("--vq", "x.pt"):
+            raise FileNotFoundError("no checkpoint file x.pt")

@@ -154,6 +154,25 @@ def test_cli_sample_refuses_flags_a_save_pretrained_folder_would_ignore(tmp_path
     assert not (tmp_path / "g.png").exists()
 
 
+def test_cli_sample_from_an_older_save_pretrained_folder_takes_its_shape_from_flags(tmp_path, capsys):
+    """Without backbone_config.json the grid comes from --image-size and the tokenizer's own downsample factor
+    (8 here), and a backbone that is no preset from --model-config."""
+    from conftest import perturb_heads_, tiny_llamagen
+
+    from tensorar_plugin import TensorARWrapper
+
+    perturb_heads_(TensorARWrapper(tiny_llamagen(), window=3)).save_pretrained(tmp_path / "run")
+    vq = _tiny_vq_file(tmp_path / "vq.pt")
+    base = ["sample", "--model", str(tmp_path / "run"), "--vq", str(vq), "--per-class", "1", "--classes", "0", "1",
+            "--device", "cpu", "--no-progress"]
+    assert cli_main([*base, "--out", str(tmp_path / "with_config.png")]) == 0
+    (tmp_path / "run" / "backbone_config.json").unlink()
+    shape = ["--image-size", "32", "--model-config", "n_head=4", "--model-config", "multiple_of=16"]
+    assert cli_main([*base, *shape, "--out", str(tmp_path / "from_flags.png")]) == 0
+    with PIL.open(tmp_path / "with_config.png") as a, PIL.open(tmp_path / "from_flags.png") as b:
+        assert a.tobytes() == b.tobytes()
+
+
 def test_cli_sample_puts_adapter_parts_around_a_checkpoint_file_that_is_no_preset(tmp_path, capsys):
     """`finetune --freeze-backbone` of a custom backbone saves only the TensorAR parts and backbone_config.json:
     `sample --model FILE --tensorar DIR` rebuilds the backbone from that file (or from --model-config)."""

@@ -409,6 +409,11 @@ def test_image_folders_with_class_sub_folders_are_read_in_path_order(tmp_path):
     read = np.concatenate(list(iter_image_batches(root, batch_size=2)))
     assert np.array_equal(read, images[[0, 2, 4, 1, 3]])  # n00/ first, then n01/
     assert count_images(root) == 5
+    linked = tmp_path / "linked"  # class folders that are symlinks (a shared dataset), read as tokenize reads them
+    linked.mkdir()
+    for name in ("n00", "n01"):
+        (linked / name).symlink_to(root / name, target_is_directory=True)
+    assert np.array_equal(np.concatenate(list(iter_image_batches(linked, batch_size=2))), read)
 
 
 def test_streamed_statistics_equal_numpy_mean_and_cov(tmp_path):

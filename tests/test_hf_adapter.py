@@ -134,6 +134,8 @@ def test_condition_mask_is_the_models_attention_mask(arch):
     masked = wrapper.generate(prompt, 8, cond_mask=mask, **greedy)
     assert torch.equal(masked, wrapper.generate(prompt, 8, cond_mask=mask, use_cache=False, **greedy))
     assert not torch.equal(masked, wrapper.generate(prompt, 8, **greedy))  # the next call drops the mask
+    with pytest.raises(ValueError, match=r"cond_mask must have shape \(2, 3\) \(batch, condition tokens\), got"):
+        wrapper.generate(prompt, 8, cond_mask=torch.ones(2, 5, dtype=torch.long), **greedy)  # prompts are never cut
 
 
 def test_save_load_round_trip_of_the_tensorar_parts(tmp_path):

@@ -108,12 +108,37 @@ def test_a_new_run_over_an_earlier_one_is_refused_unless_resumed_or_overwritten(
         Trainer(make_wrapper(), data, config(tmp_path, max_steps=3))
     assert {p.name for p in run.iterdir()} == before  # refused before touching anything
 
-    Trainer(make_wrapper(), data, config(tmp_path, max_steps=3, overwrite=True)).train()
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=3, ckpt_every=3, overwrite=True)).train()
     assert not (run / "checkpoint-2").exists() and not (run / "checkpoint-4").exists()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 3]  # the earlier run's lines are gone, not mixed with these
     Trainer(make_wrapper(), data, config(tmp_path, max_steps=3, resume_from="latest"))  # resuming is allowed
     Trainer(make_wrapper(), data, config(tmp_path, "empty_dir", max_steps=3))  # so is a folder without a run
+
+
+def test_overwrite_deletes_only_after_every_other_check_and_never_beside_a_resume(tmp_path):
+    data = random_dataset()
+    Trainer(make_wrapper(), data, config(tmp_path, ckpt_every=2, max_steps=2)).train()
+    run = tmp_path / "run"
+    before = {p.name for p in run.iterdir()}
+    with pytest.raises(ValueError, match="save_backbone=False"):  # refused for another reason: nothing deleted
+        Trainer(make_wrapper(), data, config(tmp_path, overwrite=True, save_backbone=False))
+    assert {p.name for p in run.iterdir()} == before
+    with pytest.raises(ValueError, match="overwrite=True would delete the run that resume_from continues"):
+        Trainer(make_wrapper(), data, config(tmp_path, overwrite=True, resume_from="latest"))
+    # resuming another folder's checkpoint into an out_dir that holds a run would mix the two
+    Trainer(make_wrapper(), data, config(tmp_path, "other", ckpt_every=2, max_steps=2)).train()
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        Trainer(make_wrapper(), data, config(tmp_path, "other", resume_from=str(run / "checkpoint-2")))
+    Trainer(make_wrapper(), data, config(tmp_path, "fresh", resume_from=str(run / "checkpoint-2")))  # empty: fine
+
+
+def test_resume_latest_refuses_a_finished_run_without_checkpoints(tmp_path):
+    data = random_dataset()
+    Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, ckpt_every=0)).train()  # final/ only
+    with pytest.raises(FileExistsError, match=r"holds a finished run \(final/\) but no checkpoint to resume"):
+        Trainer(make_wrapper(), data, config(tmp_path, max_steps=2, resume_from="latest"))
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # untouched
 
 
 def test_resume_latest_before_any_checkpoint_drops_the_stopped_runs_metrics(tmp_path):
@@ -307,6 +332,27 @@ class _PaddedCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.codes[i], self.feats[i], self.mask[i]
+
+
+class _Triples(torch.utils.data.Dataset):
+    def __init__(self, third):
+        self.third = third
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.randint(0, 64, (16,)), self.third[0], self.third[1]
+
+
+def test_a_third_item_must_be_a_valid_caption_mask(tmp_path):
+    wrapper = TensorARWrapper(tiny_llamagen(), window=2)  # class-conditional: no masks
+    with pytest.raises(ValueError, match="third element, taken as a condition mask, but this model is class-cond"):
+        Trainer(wrapper, _Triples((torch.tensor(3), torch.ones(1))), config(tmp_path, max_steps=1)).train()
+    t2i = TensorARWrapper(tiny_llamagen(model_type="t2i", cls_token_num=5), window=2)
+    weights = _Triples((torch.randn(5, 24), torch.full((5,), 0.5)))  # per-position weights, not a 0/1 mask
+    with pytest.raises(ValueError, match="training data does not fit the model: cond_mask must hold only 1"):
+        Trainer(t2i, weights, config(tmp_path, "b", max_steps=1)).train()
 
 
 def test_trainer_passes_a_caption_mask_so_padding_cannot_change_training(tmp_path):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from .files import read_safetensors
+from .files import read_json, read_safetensors
 from .noise import ADAPTIVE, SCHEDULES
 from .state_dicts import describe_mismatch
 from .wrapper import ADAPTER_NAME, BACKBONE_CONFIG_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TensorARConfig
@@ -104,7 +104,7 @@ def load_wrapper(cls, pretrained: str | Path, model: nn.Module, *, adapter: Back
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: is {directory} a folder written by save_pretrained?")
-    data = json.loads(config_path.read_text())
+    data = read_json(config_path)
     version = data.pop("format_version", FORMAT_VERSION)
     if version > FORMAT_VERSION:
         raise ValueError(f"{config_path} has format_version {version}; this tensorar-plugin reads up to "

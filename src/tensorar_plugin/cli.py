@@ -55,7 +55,10 @@ def about_flag(flag: str, value: object = None) -> Iterator[None]:
         if text.startswith(flag):
             raise
         prefix = flag if value is None or str(value) in text else f"{flag} {value}"
-        raise type(error)(f"{prefix}: {text}") from error
+        # the same kind of error again, or the listed kind it derives from: JSONDecodeError, say, cannot be
+        # rebuilt from a message alone
+        kind = next(k for k in (type(error), *USER_ERRORS) if k in USER_ERRORS and isinstance(error, k))
+        raise kind(f"{prefix}: {text}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:

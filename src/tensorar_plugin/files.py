@@ -1,19 +1,21 @@
 """Files: writing them so that an interrupted run never leaves a half-written one behind, and reading
-safetensors so that a damaged file is a clear error naming it."""
+safetensors and JSON so that a damaged file is a clear error naming it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "read_safetensors", "unreadable_file"]
+__all__ = ["atomic_path", "read_json", "read_safetensors", "unreadable_file"]
 
 
 def unreadable_file(path: str | Path, detail: object) -> ValueError:
-    """The error for a weights file that exists but cannot be parsed (truncated download, wrong file)."""
+    """The error for a file that exists but cannot be parsed (truncated download, wrong file)."""
     return ValueError(f"cannot read {path}: the file is damaged or not what its name says (a download that "
                       f"stopped early, say): {detail}. Download or write it again.")
 
@@ -40,3 +42,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind, not even the hidden partial file
         raise
     tmp.replace(target)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content, with a truncated or hand-broken file reported as a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise unreadable_file(path, exc) from None

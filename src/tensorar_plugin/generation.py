@@ -115,8 +115,10 @@ def generate_windows(
     for name, value in (("use_cache", use_cache), ("return_history", return_history), ("progress", progress)):
         if not isinstance(value, (bool, np.bool_)):  # a truthy "no" or None would silently pick a path
             raise ValueError(f"{name} must be True or False, got {value!r}")
-    if not isinstance(compile, (bool, dict)):
+    if not isinstance(compile, (bool, np.bool_, dict)):
         raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
+    use_cache, return_history, progress = bool(use_cache), bool(return_history), bool(progress)
+    compile = compile if isinstance(compile, dict) else bool(compile)
     if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool) or cfg_interval < -1:
         raise ValueError(f"cfg_interval must be an integer >= -1 (-1 keeps guidance on), got {cfg_interval!r}")
     batch = adapter.check_condition(cond)  # first: it fixes the prompt length that bounds the image length
@@ -229,16 +231,18 @@ def check_cond_mask(cond_mask: torch.Tensor, adapter: BackboneAdapter, batch: in
                     check_values: bool = True) -> torch.Tensor:
     """Validate a `[B, n_cond]` condition mask; boolean, duplicated for the null half under guidance.
 
-    A longer mask `[B, L > n_cond]` is cut to its first `n_cond` columns, as the condition features it
-    goes with are (LlamaGen keeps the first `cls_token_num` caption tokens). `check_values=False` skips
-    the 0/1 check, the one part that reads the mask back from the device."""
+    A longer mask `[B, L > n_cond]` is cut to its first `n_cond` columns where the adapter cuts its
+    conditions so (`cuts_long_conditions`: LlamaGen keeps the first `cls_token_num` caption tokens).
+    `check_values=False` skips the 0/1 check, the one part that reads the mask back from the device."""
     if not adapter.condition_mask_supported():
         raise ValueError(f"cond_mask is not supported by {type(adapter).__name__}")
     n_cond = adapter.num_cond_tokens
     shape = tuple(getattr(cond_mask, "shape", ()))
-    if not isinstance(cond_mask, torch.Tensor) or len(shape) != 2 or shape[0] != batch or shape[1] < n_cond:
-        raise ValueError(f"cond_mask must have shape ({batch}, {n_cond}) (batch, condition tokens; longer masks "
-                         f"are cut like the features), got {shape}")
+    longer_ok = adapter.cuts_long_conditions
+    if (not isinstance(cond_mask, torch.Tensor) or len(shape) != 2 or shape[0] != batch or shape[1] < n_cond
+            or (shape[1] > n_cond and not longer_ok)):
+        raise ValueError(f"cond_mask must have shape ({batch}, {n_cond}) (batch, condition tokens"
+                         f"{'; longer masks are cut like the features' if longer_ok else ''}), got {shape}")
     cond_mask = cond_mask[:, :n_cond]
     if check_values and cond_mask.dtype != torch.bool and not bool(((cond_mask == 0) | (cond_mask == 1)).all()):
         raise ValueError("cond_mask must hold only 1 (real token) and 0 (padding)")

@@ -46,7 +46,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .files import read_safetensors
+from .files import read_json, read_safetensors
+from .generation import check_cond_mask
 from .state_dicts import describe_mismatch
 from .wrapper import ADAPTER_NAME, CONFIG_NAME, WEIGHTS_NAME, TensorARWrapper
 
@@ -410,7 +411,7 @@ class Trainer:
                              f"(batch_size={cfg.batch_size})")
         self.batches_per_epoch = self.dataset_len // cfg.batch_size
         self.out_dir = Path(cfg.out_dir)
-        self._claim_out_dir()
+        earlier_run = self._claim_out_dir()  # refused here, before any work; deleted at the end, once all is well
         self.autocast_dtype = self._pick_precision()
 
         # LlamaGen seeds each rank differently (dropout and label dropout differ across ranks).
@@ -450,33 +451,65 @@ class Trainer:
             self._log(f"training {sum(params[n].numel() for n in self.param_names):,} parameters "
                       f"({len(decay)} tensors with weight decay, {len(no_decay)} without) on {self.device}, "
                       f"world size {self.world_size}{', FSDP' if cfg.fsdp else ''}")
+        self._delete_earlier_run(earlier_run)
         if cfg.resume_from:
             self.resume(cfg.resume_from)
 
     # -- setup -----------------------------------------------------------------------------------
-    def _claim_out_dir(self) -> None:
-        """Refuse to start a new run over an earlier one (its metrics would mix with ours and its checkpoints
-        and final/ be replaced one by one) unless resuming it or told to overwrite it."""
-        if self.config.resume_from:
-            return
-        found = [previous_run_files(self.out_dir) if self.is_main else []]
+    def _resumes_in_out_dir(self) -> bool:
+        resume = self.config.resume_from
+        return bool(resume) and (str(resume) == "latest"
+                                 or Path(resume).resolve().parent == self.out_dir.resolve())
+
+    def _blocking_files(self) -> list[Path]:
+        """What an earlier run left in `out_dir` that this one would mix with or replace."""
+        resume = self.config.resume_from
+        if not resume:
+            return previous_run_files(self.out_dir)
+        if str(resume) == "latest":
+            if find_latest_checkpoint(self.out_dir) is not None:
+                return []
+            final = self.out_dir / "final"  # a finished run with nothing to resume; a run that stopped before
+            return [final] if final.is_dir() else []  # its first checkpoint simply starts again
+        return [] if self._resumes_in_out_dir() else previous_run_files(self.out_dir)
+
+    def _claim_out_dir(self) -> list[Path]:
+        """Refuse to start a run over an earlier one (its metrics would mix with ours and its checkpoints and
+        final/ be replaced one by one) unless resuming it or told to overwrite it. Returns the files that
+        `overwrite=True` deletes, once every other check has passed (`_delete_earlier_run`)."""
+        cfg = self.config
+        if cfg.overwrite and self._resumes_in_out_dir():
+            raise ValueError("overwrite=True would delete the run that resume_from continues: pass one of them")
+        found = [self._blocking_files() if self.is_main else []]
         if self.world_size > 1:
             dist.broadcast_object_list(found, src=0)
-        if not found[0]:
-            return
-        if not self.config.overwrite:
-            listed = ", ".join(path.name + ("/" if path.is_dir() else "") for path in found[0][:4])
-            more = f" and {len(found[0]) - 4} more" if len(found[0]) > 4 else ""
-            raise FileExistsError(
-                f"out_dir {self.out_dir} holds an earlier run ({listed}{more}): continue it with resume_from="
-                f"'latest' (tensorar finetune --resume latest), choose another out_dir (--out), or start again "
-                f"with overwrite=True (--overwrite), which deletes these files")
-        if self.is_main:
-            for path in found[0]:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            self._log(f"overwrite: deleted the earlier run's files in {self.out_dir}")
+        if not found[0] or cfg.overwrite:
+            return found[0]
+        listed = ", ".join(path.name + ("/" if path.is_dir() else "") for path in found[0][:4])
+        listed += f" and {len(found[0]) - 4} more" if len(found[0]) > 4 else ""
+        if str(cfg.resume_from) == "latest":
+            raise FileExistsError(f"out_dir {self.out_dir} holds a finished run ({listed}) but no checkpoint to "
+                                  f"resume from: choose another out_dir (--out), or start again with "
+                                  f"overwrite=True (--overwrite, without --resume), which deletes it")
+        raise FileExistsError(
+            f"out_dir {self.out_dir} holds an earlier run ({listed}): continue it with resume_from='latest' "
+            f"(tensorar finetune --resume latest), choose another out_dir (--out), or start again with "
+            f"overwrite=True (--overwrite), which deletes these files")
+
+    def _delete_earlier_run(self, files: list[Path]) -> None:
+        """`overwrite=True`: delete the earlier run's files (rank 0; every rank learns whether that worked)."""
+        failure = [None]
+        if self.is_main and files:
+            try:
+                for path in files:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                self._log(f"overwrite: deleted the earlier run's files in {self.out_dir}")
+            except OSError as err:
+                failure[0] = f"overwrite: could not delete the earlier run in {self.out_dir}: {err}"
         if self.world_size > 1:
-            dist.barrier()
+            dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise OSError(failure[0])
 
     def _pick_device(self, requested: str | None) -> torch.device:
         if requested is not None:
@@ -608,7 +641,7 @@ class Trainer:
             if self.wrapper.adapter.num_classes is not None and cond.dim() == 2 and cond.shape[1] == 1:
                 cond = cond[:, 0]  # labels stored as [1] arrays per item (LlamaGen's layout)
             if codes.device.type == "cpu" and cond.device.type == "cpu":  # checked before the copy: no device sync
-                self._check_batch(codes, cond)
+                self._check_batch(codes, cond, cond_mask)
             codes = codes.to(self.device, non_blocking=True)
             cond = cond.to(self.device, non_blocking=True)
             if cond_mask is not None:
@@ -638,9 +671,9 @@ class Trainer:
         return {"loss": loss_sum / accum, "slot_losses": slot_sum / accum, "grad_norm": grad_norm,
                 "lr": float(lr), "tokens": tokens}
 
-    def _check_batch(self, codes: torch.Tensor, cond: torch.Tensor) -> None:
-        """Token ids and conditions of a (CPU) batch, with errors that name the data rather than an
-        index error inside the embedding (a device-side assert on CUDA)."""
+    def _check_batch(self, codes: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None) -> None:
+        """Token ids, conditions and condition masks of a (CPU) batch, with errors that name the data rather
+        than an index error inside the embedding (a device-side assert on CUDA)."""
         try:
             self.wrapper.adapter.check_condition(cond, codes.shape[0])
             self.wrapper._check_tokens(codes)
@@ -648,6 +681,11 @@ class Trainer:
             if classes is not None and cond.numel() and int(cond.max()) >= classes:
                 raise ValueError(f"labels must lie in [0, {classes - 1}], got {int(cond.max())} (id {classes} is "
                                  f"the null class that label dropout uses; were the labels 1-based?)")
+            if cond_mask is not None:
+                if classes is not None:
+                    raise ValueError("items have a third element, taken as a condition mask, but this model is "
+                                     "class-conditional (masks are for padded text conditions): return (codes, label)")
+                check_cond_mask(cond_mask, self.wrapper.adapter, codes.shape[0], guided=False)
         except ValueError as error:
             raise ValueError(f"the training data does not fit the model: {error}") from None
 
@@ -895,7 +933,7 @@ class Trainer:
         state_path = directory / TRAINER_STATE_NAME
         if not state_path.is_file():
             raise FileNotFoundError(f"{state_path} not found: is {directory} a checkpoint written by Trainer?")
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path)
         if state.get("format_version", 0) > STATE_FORMAT_VERSION:
             raise ValueError(f"{state_path} has format_version {state['format_version']}; upgrade tensorar-plugin")
         tensors = read_safetensors(directory / TRAINER_TENSORS_NAME)
@@ -967,7 +1005,7 @@ class Trainer:
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found in checkpoint {directory}")
-        saved = json.loads(config_path.read_text())
+        saved = read_json(config_path)
         if saved.get("window") != self.wrapper.window:
             raise ValueError(f"{directory} was saved with window={saved.get('window')}, but the wrapper has "
                              f"window={self.wrapper.window}")

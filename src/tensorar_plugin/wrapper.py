@@ -9,14 +9,16 @@ With the new parts at their initial values the wrapped model computes exactly wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin
@@ -257,10 +259,20 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
 
     def train(self, mode: bool = True) -> TensorARWrapper:
         """`nn.Module.train`; entering training mode also frees the KV caches `generate` keeps for its next
-        call (batch x length x layers of keys and values, of no use to a training forward)."""
-        if mode:
+        call (batch x length x layers of keys and values, of no use to a training forward), except when
+        `generate` itself gives a training-mode wrapper its mode back (sampling between training chunks
+        keeps its caches, and a compiled step its CUDA graphs, until training starts again)."""
+        if mode and not self.__dict__.get("_restoring_mode", False):
             self.clear_caches()
         return super().train(mode)
+
+    @contextlib.contextmanager
+    def _mode_restored_without_freeing_caches(self) -> Iterator[None]:
+        self.__dict__["_restoring_mode"] = True  # read by `train` when `evaluating` gives the mode back
+        try:
+            yield
+        finally:
+            self.__dict__["_restoring_mode"] = False
 
     def clear_caches(self) -> None:
         """Free the KV caches left by `generate` (the next call sets them up again)."""
@@ -268,8 +280,9 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
 
     def set_backbone_frozen(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) every base-model parameter; the new parts stay trainable."""
-        if not isinstance(frozen, bool):  # "no" would freeze
+        if not isinstance(frozen, (bool, np.bool_)):  # "no" would freeze
             raise ValueError(f"freeze_backbone must be True or False, got {frozen!r}")
+        frozen = bool(frozen)
         for param in self.base_model.parameters():
             param.requires_grad_(not frozen)
         self.backbone_frozen = frozen
@@ -505,7 +518,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         `history[b, t]` lists the `k` predictions of position `t` from coarsest draft to final.
         `compile=True` (or `torch.compile` options) compiles the decode step.
         """
-        with evaluating(self):
+        with self._mode_restored_without_freeing_caches(), evaluating(self):
             out: GenerationOutput = generate_windows(
                 self.adapter, cond, window=self.window, embed_window=self.embed_windows,
                 window_logits=self.sampling_logits, num_tokens=num_tokens, cfg_scale=cfg_scale,

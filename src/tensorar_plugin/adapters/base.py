@@ -158,6 +158,10 @@ class BackboneAdapter(ABC):
         """Whether `setup_caches` / `forward_hidden` accept `cond_mask` (padded text conditions)."""
         return False
 
+    #: whether longer conditions are cut to `num_cond_tokens` (LlamaGen's caption features): a condition
+    #: mask may then be longer too, and is cut the same way
+    cuts_long_conditions: bool = False
+
     # -- validation --------------------------------------------------------------------------
     def check_condition(self, cond, batch_size: int | None = None, *, name: str = "cond") -> int:
         """Raise `ValueError` naming `name` if `cond` does not fit this model; return its batch size."""

@@ -95,6 +95,8 @@ class LlamaGenAdapter(BackboneAdapter):
 
         return isinstance(self.model, LlamaGen)
 
+    cuts_long_conditions = True  # caption features [B, L >= cls_token_num, D] keep their first cls_token_num
+
     def condition_mask_supported(self) -> bool:
         return True
 

@@ -13,7 +13,6 @@ checkpoint file whose shape is not a LlamaGen preset takes `--preset` / `--model
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -189,9 +188,9 @@ def check_model_flags(args) -> None:
     elif path.is_dir():
         from ..wrapper import BACKBONE_CONFIG_NAME
 
-        ignored = [flag for flag in ("--tensorar", "--preset", "--model-config") if flag in given]
-        if (path / BACKBONE_CONFIG_NAME).is_file() and "--image-size" in given:
-            ignored.append("--image-size")
+        ignored = ["--tensorar"] if "--tensorar" in given else []
+        if (path / BACKBONE_CONFIG_NAME).is_file():  # without it, the backbone's shape comes from these flags
+            ignored += [flag for flag in ("--image-size", "--preset", "--model-config") if flag in given]
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: {path} is a save_pretrained folder, which carries its own "
                              f"backbone settings and TensorAR parts (--tensorar adds parts to a hub model or "
@@ -205,12 +204,13 @@ def _backbone_overrides(args) -> dict[str, Any]:
 
     if args.preset is not None or args.model_config or not args.tensorar:
         return parse_overrides(args.model_config)
+    from ..files import read_json
     from ..wrapper import BACKBONE_CONFIG_NAME
 
     saved = Path(args.tensorar) / BACKBONE_CONFIG_NAME
     if not saved.is_file():
         return {}
-    overrides = json.loads(saved.read_text())
+    overrides = read_json(saved)
     if args.image_size is not None:
         overrides.pop("block_size", None)  # --image-size sets it
     return overrides
@@ -243,7 +243,7 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
 
     path = Path(args.model)
     if path.is_dir():  # a folder written by save_pretrained, backbone included
-        from ..files import read_safetensors
+        from ..files import read_json, read_safetensors
         from ..models.llamagen import LlamaGenConfig
         from ..wrapper import BACKBONE_CONFIG_NAME, WEIGHTS_NAME
 
@@ -253,22 +253,22 @@ def load_model(args, device, dtype, *, fid_defaults: bool = False):
                              f" or pass a hub backbone with --model NAME --tensorar {path}")
         if args.vq is None:
             raise ValueError("a save_pretrained folder needs --vq (tokenizer hub name or file)")
-        state = read_safetensors(weights)
-        base_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
+        with about_flag("--vq", args.vq):  # first: its downsample factor turns --image-size into a token grid
+            vq = load_vq(args.vq, device=device, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
         saved_config = path / BACKBONE_CONFIG_NAME
         if saved_config.is_file():  # written by save_pretrained for LlamaGen backbones
-            config = LlamaGenConfig.from_dict(json.loads(saved_config.read_text()))
-        else:
-            config = infer_llamagen_config(base_state, image_size=args.image_size)
+            config = LlamaGenConfig.from_dict(read_json(saved_config))
+        else:  # an older folder: the shape from the weights, the flags and the tokenizer
+            state = read_safetensors(weights)
+            base_state = {k[len("base_model."):]: v for k, v in state.items() if k.startswith("base_model.")}
+            with about_flag("--model", path):
+                config = infer_llamagen_config(base_state, preset=args.preset, image_size=args.image_size,
+                                               downsample=vq.downsample_factor,
+                                               **_backbone_overrides(args))
         wrapper = TensorARWrapper.from_pretrained(path, LlamaGen(config))
         if args.window is not None and args.window != wrapper.window:
             raise ValueError(f"--window {args.window}, but {path} holds a TensorAR model with window {wrapper.window}")
-        with about_flag("--vq", args.vq):
-            vq = load_vq(args.vq, device=device, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
         grid = config.grid_size
-        if args.image_size is not None and args.image_size // vq.downsample_factor != grid:
-            raise ValueError(f"--image-size {args.image_size} does not fit {path}: its backbone has a {grid}x{grid} "
-                             f"token grid, {grid * vq.downsample_factor} px with this tokenizer")
         defaults = base_defaults
         desc = f"{path} (window {wrapper.window})"
     else:

@@ -162,9 +162,13 @@ def _npz_member_batches(path: Path, key: str, batch_size: int) -> Iterator[np.nd
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """The images under `folder`, class sub-folders included (ImageNet's layout), sorted by relative path."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The images under `folder`, class sub-folders included (ImageNet's layout, symlinked folders too, as
+    `tokenize` reads them), hidden entries skipped, sorted by relative path."""
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    files.sort(key=lambda p: p.relative_to(folder).parts)
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}), in it or in its sub-folders")
     return files

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_path
+from ..files import atomic_path, read_json
 
 __all__ = ["eval_labels", "batch_seed", "sample_images", "pack_npz", "LABEL_MODES", "SETTINGS_NAME", "LABELS_NAME"]
 
@@ -66,7 +66,7 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], labels: torch.Tensor
     """Record `settings` and `labels` in a new folder (`create`), or check that they match the recorded ones."""
     settings_path, labels_path = folder / SETTINGS_NAME, folder / LABELS_NAME
     if settings_path.is_file():
-        saved = json.loads(settings_path.read_text())
+        saved = read_json(settings_path)
         differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if not differ and not np.array_equal(np.load(labels_path), labels.numpy()):
             differ = ["labels"]
@@ -210,7 +210,7 @@ def pack_npz(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None 
 
     folder = Path(folder)
     settings_path = folder / SETTINGS_NAME
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    settings = read_json(settings_path) if settings_path.is_file() else {}
     if num_samples is None:
         num_samples = settings.get("num_samples")
         if num_samples is None:
