@@ -83,6 +83,30 @@ def test_toy_model_decode_step_compiles_as_one_graph_and_samples_like_eager():
     assert torch.equal(compiled, eager)
 
 
+def test_parts_named_by_path_follow_the_model_through_assign_loads_and_casts():
+    model = toy(0)
+    wrapper = TensorARWrapper(model, window=1, adapter=example.toy_adapter(model)).eval()
+    model.load_state_dict(toy(1).state_dict(), assign=True)  # new Parameter objects, the position table too
+    tokens, labels = batch()
+    with torch.no_grad():
+        assert torch.equal(wrapper(tokens, labels).logits[:, :, 0], model(tokens, labels))
+        wrapper.to(torch.float64)
+        assert wrapper.adapter.embedding_weight.dtype == torch.float64
+        assert torch.equal(wrapper(tokens, labels).logits[:, :, 0], model(tokens, labels).float())
+
+
+def test_an_adapter_of_another_model_and_dropping_without_a_null_condition_are_refused():
+    model, other = toy(0), toy(1)
+    with pytest.raises(ValueError, match="adapter was built on another model than the one wrapped"):
+        TensorARWrapper(model, window=2, adapter=example.toy_adapter(other))
+    no_null = ModuleAdapter(model, embedding="tok", blocks="blocks", norm="norm", head="out", cond_embedding="cls",
+                            pos_embedding="pos", num_cond_tokens=1, num_classes=10)
+    wrapper = TensorARWrapper(model, window=2, adapter=no_null)
+    tokens, labels = batch()
+    with pytest.raises(ValueError, match="force_drop_ids needs a null condition to drop to"):
+        wrapper(tokens, labels, force_drop_ids=torch.ones(3, dtype=torch.long))
+
+
 def test_plain_sampling_matches_a_greedy_loop_over_the_models_forward():
     model = toy()
     adapter = example.toy_adapter(model)

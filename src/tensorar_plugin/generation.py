@@ -66,8 +66,8 @@ def _check_num_tokens(num_tokens: int | None, adapter: BackboneAdapter) -> int:
     if num_tokens is None:
         return limit
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 1 <= num_tokens <= limit:
-        raise ValueError(f"num_tokens must be an integer in [1, {limit}] (the model's block_size), "
-                         f"got {num_tokens!r}")
+        raise ValueError(f"num_tokens must be an integer in [1, {limit}] (the most image tokens the model "
+                         f"generates), got {num_tokens!r}")
     return num_tokens
 
 
@@ -129,8 +129,9 @@ def generate_windows(
     total = _check_num_tokens(num_tokens, adapter)
     guided = cfg_scale != 1.0
     if guided and not adapter.has_null_condition:
-        raise ValueError("cfg_scale != 1 needs a null condition, but this model was built without condition "
-                         "dropout (class_dropout_prob = 0)")
+        raise ValueError("cfg_scale != 1 needs a null condition, but this model has none (LlamaGen: built "
+                         "without condition dropout, class_dropout_prob = 0; HF adapter: pass uncond_ids=; "
+                         "ModuleAdapter: pass null_cond=)")
     cond_all = torch.cat([cond, adapter.null_condition(cond)]) if guided else cond
     mask_kwargs = {}
     if cond_mask is not None:

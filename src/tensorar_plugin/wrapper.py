@@ -164,6 +164,9 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if adapter is not None and getattr(adapter, "model", None) is not model:
+            raise ValueError("adapter was built on another model than the one wrapped: the wrapper would train, "
+                             "freeze and save `model` but run the adapter's; build the adapter on `model`")
         self.adapter = adapter if adapter is not None else find_adapter(model)
         self._schedule = noise_schedule
         if config is None:
@@ -349,6 +352,9 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             self.adapter.check_condition(cond, rows)
             self._check_tokens(tokens)
         tokens = tokens.long()  # int32 / uint8 codes: the loss's targets must be int64 (no copy when they are)
+        if force_drop_ids is not None and not self.adapter.has_null_condition:
+            raise ValueError("force_drop_ids needs a null condition to drop to, but this model has none (LlamaGen: "
+                             "class_dropout_prob > 0; HF adapter: uncond_ids=; ModuleAdapter: null_cond=)")
         if force_drop_ids is not None:
             force_drop_ids = torch.as_tensor(force_drop_ids, device=tokens.device)
             if tuple(force_drop_ids.shape) != (tokens.shape[0],):

@@ -202,6 +202,20 @@ class ModuleAdapter(BackboneAdapter):
         kv_cache: call blocks with a `KVCache` (True) or re-run the prefix each decode step (False).
     """
 
+    @property
+    def pos_embedding(self):
+        """The position table or module; a table named by attribute path is looked up on every use, so
+        `load_state_dict(assign=True)`, `.to()` or `.half()` on the model cannot leave a stale copy here."""
+        if isinstance(self._pos_spec, str) and isinstance(self._pos_part, torch.Tensor):
+            return resolve_part(self.model, self._pos_spec, "pos_embedding")
+        return self._pos_part
+
+    @property
+    def _weight(self) -> torch.Tensor | None:
+        """A tensor of the model's, read now, for its device and dtype."""
+        weight = first_tensor(self.embedding)
+        return weight if weight is not None else next(self.model.parameters(), None)
+
     def __init__(self, model: nn.Module, *, embedding, blocks, norm=None, head, cond_embedding=None,
                  pos_embedding=None, num_cond_tokens: int = 1, max_image_tokens: int | None = None,
                  vocab_size: int | None = None, hidden_size: int | None = None, null_cond=None,
@@ -223,7 +237,8 @@ class ModuleAdapter(BackboneAdapter):
         if self.output is None:
             raise ValueError("head is required")
         self.cond_embedding = resolve_part(model, cond_embedding, "cond_embedding")
-        self.pos_embedding = resolve_part(model, pos_embedding, "pos_embedding")
+        self._pos_spec = pos_embedding
+        self._pos_part = resolve_part(model, pos_embedding, "pos_embedding")
         if not isinstance(num_cond_tokens, int) or num_cond_tokens < 1:
             raise ValueError(f"num_cond_tokens must be an integer >= 1, got {num_cond_tokens!r}")
         self._num_cond = num_cond_tokens
@@ -243,9 +258,6 @@ class ModuleAdapter(BackboneAdapter):
         self._vocab_size = vocab_size if vocab_size is not None else out_features(self.output)
         if self._vocab_size is None:
             raise ValueError("vocab_size could not be read from head (no out_features): pass vocab_size=")
-        self._weight = first_tensor(self.embedding)
-        if self._weight is None:
-            self._weight = next(model.parameters(), None)
         if self._weight is None:
             raise ValueError("the model has no parameters to take device and dtype from")
         if hidden_size is None:
