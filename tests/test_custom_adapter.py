@@ -83,6 +83,16 @@ def test_toy_model_decode_step_compiles_as_one_graph_and_samples_like_eager():
     assert torch.equal(compiled, eager)
 
 
+def test_compile_is_refused_clearly_where_the_decode_step_reads_the_host():
+    model = toy()
+    adapter = example.toy_adapter(model)
+    adapter.kv_cache = False  # each step re-runs a prefix whose length is read on the host
+    wrapper = TensorARWrapper(model, window=2, adapter=adapter)
+    _, labels = batch()
+    with pytest.raises(ValueError, match="compile=True: ModuleAdapter's decode step reads values back to the host"):
+        wrapper.generate(labels, compile={"backend": "eager"})
+
+
 def test_parts_named_by_path_follow_the_model_through_assign_loads_and_casts():
     model = toy(0)
     wrapper = TensorARWrapper(model, window=1, adapter=example.toy_adapter(model)).eval()

@@ -138,6 +138,13 @@ def test_condition_mask_is_the_models_attention_mask(arch):
         wrapper.generate(prompt, 8, cond_mask=torch.ones(2, 5, dtype=torch.long), **greedy)  # prompts are never cut
 
 
+def test_compile_is_refused_with_a_clear_error():
+    model = BUILDERS["llama"]()
+    _, prompt = data()
+    with pytest.raises(ValueError, match="compile=True: HFCausalLMAdapter's decode step reads values back"):
+        TensorARWrapper(model, window=2).generate(prompt, 4, compile={"backend": "eager"})
+
+
 def test_save_load_round_trip_of_the_tensorar_parts(tmp_path):
     model = tiny_llama()
     tokens, prompt = data()

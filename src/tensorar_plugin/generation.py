@@ -269,6 +269,9 @@ def _decode_step(adapter: BackboneAdapter, embed_window, window_logits, rule: Wi
 
     if not compile:
         return step
+    if not adapter.decode_step_compiles:
+        raise ValueError(f"compile=True: {type(adapter).__name__}'s decode step reads values back to the host, "
+                         f"so it cannot be captured as one graph; sample with compile=False")
     options = dict(compile) if isinstance(compile, dict) else {}
     options.setdefault("fullgraph", True)
     if adapter.device.type == "cuda" and "backend" not in options:

@@ -158,6 +158,10 @@ class BackboneAdapter(ABC):
         """Whether `setup_caches` / `forward_hidden` accept `cond_mask` (padded text conditions)."""
         return False
 
+    #: whether the cached decode step runs without host reads, so `generate(compile=True)` can capture it
+    #: as one graph (False: compile is refused with a clear error instead of failing inside dynamo)
+    decode_step_compiles: bool = True
+
     #: whether longer conditions are cut to `num_cond_tokens` (LlamaGen's caption features): a condition
     #: mask may then be longer too, and is cut the same way
     cuts_long_conditions: bool = False

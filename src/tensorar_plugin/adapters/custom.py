@@ -203,6 +203,10 @@ class ModuleAdapter(BackboneAdapter):
     """
 
     @property
+    def decode_step_compiles(self) -> bool:
+        return self.kv_cache  # without a cache each step re-runs a prefix whose length is read on the host
+
+    @property
     def pos_embedding(self):
         """The position table or module; a table named by attribute path is looked up on every use, so
         `load_state_dict(assign=True)`, `.to()` or `.half()` on the model cannot leave a stale copy here."""

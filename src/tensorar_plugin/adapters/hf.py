@@ -387,6 +387,8 @@ class HFCausalLMAdapter(BackboneAdapter):
         else:  # legacy tuple of (key, value) per layer
             self._cache = tuple(tuple(t[:, :, :length] for t in layer) for layer in self._cache)
 
+    decode_step_compiles = False  # it reads the position back to the host to drive the HF cache
+
     def condition_mask_supported(self) -> bool:
         return True
 
