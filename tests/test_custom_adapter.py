@@ -83,6 +83,16 @@ def test_toy_model_decode_step_compiles_as_one_graph_and_samples_like_eager():
     assert torch.equal(compiled, eager)
 
 
+def test_a_chained_embedding_takes_its_width_from_the_last_part():
+    model = toy()
+    model.small, model.proj = nn.Embedding(64, 16), nn.Linear(16, 32)  # a narrow codebook table and a projector
+    adapter = ModuleAdapter(model, embedding=["small", "proj"], blocks="blocks", norm="norm", head="out",
+                            cond_embedding="cls", pos_embedding="pos", null_cond=10, num_classes=10)
+    assert adapter.hidden_size == 32
+    tokens, labels = batch()
+    assert torch.isfinite(TensorARWrapper(model, window=4, adapter=adapter)(tokens, labels).loss)
+
+
 def test_compile_is_refused_clearly_where_the_decode_step_reads_the_host():
     model = toy()
     adapter = example.toy_adapter(model)

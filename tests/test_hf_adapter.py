@@ -138,6 +138,17 @@ def test_condition_mask_is_the_models_attention_mask(arch):
         wrapper.generate(prompt, 8, cond_mask=torch.ones(2, 5, dtype=torch.long), **greedy)  # prompts are never cut
 
 
+def test_construction_checks_the_position_range_and_takes_numpy_integers():
+    import numpy as np
+
+    model = tiny_llama()  # 64 positions
+    with pytest.raises(ValueError, match="max_image_tokens=100 with 3 condition token.* needs 103 positions, but "
+                                         "LlamaForCausalLM has 64"):
+        HFCausalLMAdapter(model, num_cond_tokens=3, max_image_tokens=100)
+    adapter = HFCausalLMAdapter(model, num_cond_tokens=np.int64(3), max_image_tokens=np.int64(16))
+    assert (adapter.num_cond_tokens, adapter.max_image_tokens) == (3, 16)
+
+
 def test_compile_is_refused_with_a_clear_error():
     model = BUILDERS["llama"]()
     _, prompt = data()

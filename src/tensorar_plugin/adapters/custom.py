@@ -264,9 +264,10 @@ class ModuleAdapter(BackboneAdapter):
             raise ValueError("vocab_size could not be read from head (no out_features): pass vocab_size=")
         if self._weight is None:
             raise ValueError("the model has no parameters to take device and dtype from")
-        if hidden_size is None:
-            hidden_size = getattr(self.embedding, "embedding_dim", None)
-            if hidden_size is None and self._weight.dim() == 2:
+        if hidden_size is None:  # the width of what the embedding hands on: a chain's last part
+            last = self.embedding.parts[-1] if isinstance(self.embedding, _Chain) else self.embedding
+            hidden_size = getattr(last, "embedding_dim", None) or getattr(last, "out_features", None)
+            if hidden_size is None and not isinstance(self.embedding, _Chain) and self._weight.dim() == 2:
                 hidden_size = self._weight.shape[1]
         if hidden_size is None:
             raise ValueError("hidden_size could not be read from embedding: pass hidden_size=")
