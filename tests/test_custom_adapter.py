@@ -83,6 +83,23 @@ def test_toy_model_decode_step_compiles_as_one_graph_and_samples_like_eager():
     assert torch.equal(compiled, eager)
 
 
+def test_mistakes_in_a_module_adapter_are_named_not_raw_tracebacks():
+    model = toy()
+    plain_blocks = [lambda h: h]  # block(h) only, as in docs/adapters.md's kv_cache=False case
+    with pytest.raises(ValueError, match="the blocks take no input_pos / cache arguments.*pass kv_cache=False"):
+        ModuleAdapter(model, embedding="tok", blocks=plain_blocks, head="out", pos_embedding="pos")
+    ModuleAdapter(model, embedding="tok", blocks=plain_blocks, head="out", pos_embedding="pos", kv_cache=False)
+    no_bound = ModuleAdapter(model, embedding="tok", blocks="blocks", norm="norm", head="out", cond_embedding="cls",
+                             pos_embedding="pos", null_cond=10)  # no num_classes: the table's rows bound the ids
+    wrapper = TensorARWrapper(model, window=2, adapter=no_bound)
+    tokens, _ = batch()
+    rows = model.cls.num_embeddings
+    with pytest.raises(ValueError, match=rf"cond holds ids outside \[0, {rows - 1}\]"):
+        wrapper(tokens, torch.tensor([1, 2, rows]))
+    with pytest.raises(ValueError, match="cond must be integer ids into cond_embedding"):
+        wrapper(tokens, torch.tensor([1.0, 2.0, 3.0]))
+
+
 def test_a_chained_embedding_takes_its_width_from_the_last_part():
     model = toy()
     model.small, model.proj = nn.Embedding(64, 16), nn.Linear(16, 32)  # a narrow codebook table and a projector

@@ -25,6 +25,7 @@ re-running the stored prefix each step: simpler, but quadratic in the sequence l
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,6 +75,17 @@ class _Chain:
         for part in self.parts:
             x = part(x)
         return x
+
+
+def _takes_cache_arguments(block: Any) -> bool:
+    """Whether `block(h, input_pos=..., cache=...)` can be called (or the signature cannot be read)."""
+    try:
+        params = inspect.signature(block.forward if isinstance(block, nn.Module) else block).parameters
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return "input_pos" in params and "cache" in params
 
 
 def first_tensor(part: Any, attr: str = "weight") -> torch.Tensor | None:
@@ -279,6 +291,9 @@ class ModuleAdapter(BackboneAdapter):
             raise ValueError(f"model_type must be 'c2i' or 't2i', got {model_type!r}")
         self._model_type = model_type
         self.kv_cache = bool(kv_cache)
+        if self.kv_cache and not _takes_cache_arguments(self.blocks[0]):
+            raise ValueError("the blocks take no input_pos / cache arguments (block(h) only): pass kv_cache=False "
+                             "to re-run the prefix each decode step, or give the blocks those arguments")
         self._caches: list[KVCache] | None = None
         self._prefix: torch.Tensor | None = None  # kv_cache=False: the sequence fed so far
 
@@ -408,4 +423,7 @@ class ModuleAdapter(BackboneAdapter):
                 upper = max(upper, self._null + 1)
             check_id_tensor(cond, name=name, dims=1, layout="a 1-D integer tensor of class ids", what="class ids",
                             upper=upper)
+        elif isinstance(self.cond_embedding, nn.Embedding):  # ids into a table: its rows bound them
+            check_id_tensor(cond, name=name, dims=cond.dim(), layout="integer ids into cond_embedding",
+                            what="ids", upper=self.cond_embedding.num_embeddings)
         return cond.shape[0]
