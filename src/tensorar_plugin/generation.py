@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm  # plain text bar: tqdm.auto warns in notebooks without ipywidgets
 
 from .adapters import BackboneAdapter, find_adapter
+from .adapters.base import NULL_CONDITION_HINT
 from .noise import PAD_ID
 from .sampling import check_sampling_args, guided_logits, race_noise, sample_tokens
 
@@ -129,9 +130,7 @@ def generate_windows(
     total = _check_num_tokens(num_tokens, adapter)
     guided = cfg_scale != 1.0
     if guided and not adapter.has_null_condition:
-        raise ValueError("cfg_scale != 1 needs a null condition, but this model has none (LlamaGen: built "
-                         "without condition dropout, class_dropout_prob = 0; HF adapter: pass uncond_ids=; "
-                         "ModuleAdapter: pass null_cond=)")
+        raise ValueError(f"cfg_scale != 1 needs a null condition, but this model has none ({NULL_CONDITION_HINT})")
     cond_all = torch.cat([cond, adapter.null_condition(cond)]) if guided else cond
     mask_kwargs = {}
     if cond_mask is not None:

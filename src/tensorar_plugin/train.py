@@ -276,15 +276,23 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
-def previous_run_files(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """What an earlier run left in `out_dir`: a non-empty metrics.jsonl, `checkpoint-<step>/` and `final/`."""
+def _checkpoint_dirs(out_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """The `checkpoint-<step>` folders under `out_dir` with their steps, in step order."""
     root = Path(out_dir)
     if not root.is_dir():
         return []
-    found = [path for path in sorted(root.iterdir()) if path.is_dir() and (
-        path.name == "final" or (path.name.startswith(CHECKPOINT_PREFIX)
-                                 and path.name[len(CHECKPOINT_PREFIX):].isdigit()))]
-    metrics = root / METRICS_NAME
+    return sorted((int(path.name[len(CHECKPOINT_PREFIX):]), path) for path in root.iterdir()
+                  if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX)
+                  and path.name[len(CHECKPOINT_PREFIX):].isdigit())
+
+
+def previous_run_files(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """What an earlier run left in `out_dir`: a non-empty metrics.jsonl, `checkpoint-<step>/` and `final/`."""
+    root = Path(out_dir)
+    metrics, final = root / METRICS_NAME, root / "final"
+    found = [path for _, path in _checkpoint_dirs(root)]
+    if final.is_dir():
+        found.append(final)
     if metrics.is_file() and metrics.stat().st_size > 0:
         found.insert(0, metrics)
     return found
@@ -292,16 +300,8 @@ def previous_run_files(out_dir: str | os.PathLike[str]) -> list[Path]:
 
 def find_latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
     """The `checkpoint-<step>` folder with the largest step under `out_dir` (complete ones only), or None."""
-    root = Path(out_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for path in root.iterdir():
-        step = path.name[len(CHECKPOINT_PREFIX):]
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() \
-                and (path / TRAINER_STATE_NAME).is_file():
-            found.append((int(step), path))
-    return max(found)[1] if found else None
+    complete = [path for _, path in _checkpoint_dirs(out_dir) if (path / TRAINER_STATE_NAME).is_file()]
+    return complete[-1] if complete else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,10 +887,7 @@ class Trainer:
         keep = self.config.keep_checkpoints
         if keep is None:
             return
-        found = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in self.out_dir.iterdir()
-                       if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-                       and p.name[len(CHECKPOINT_PREFIX):].isdigit())
-        for _, path in found[:-keep]:
+        for _, path in _checkpoint_dirs(self.out_dir)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
 
     def _final_written(self) -> bool:

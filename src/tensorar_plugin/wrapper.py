@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import BackboneAdapter, find_adapter
+from .adapters.base import NULL_CONDITION_HINT
 from .generation import GenerationOutput, check_cond_mask, evaluating, generate_windows
 from .heads import TensorDecoder, TensorEncoder
 from .noise import ADAPTIVE, SCHEDULES, clean_first_slot, replace_slots
@@ -352,10 +353,10 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             self.adapter.check_condition(cond, rows)
             self._check_tokens(tokens)
         tokens = tokens.long()  # int32 / uint8 codes: the loss's targets must be int64 (no copy when they are)
-        if force_drop_ids is not None and not self.adapter.has_null_condition:
-            raise ValueError("force_drop_ids needs a null condition to drop to, but this model has none (LlamaGen: "
-                             "class_dropout_prob > 0; HF adapter: uncond_ids=; ModuleAdapter: null_cond=)")
         if force_drop_ids is not None:
+            if not self.adapter.has_null_condition:
+                raise ValueError(f"force_drop_ids needs a null condition to drop to, but this model has none "
+                                 f"({NULL_CONDITION_HINT})")
             force_drop_ids = torch.as_tensor(force_drop_ids, device=tokens.device)
             if tuple(force_drop_ids.shape) != (tokens.shape[0],):
                 raise ValueError(f"force_drop_ids must hold one 0/1 flag per batch item, shape ({tokens.shape[0]},), "

@@ -33,6 +33,11 @@ def updatable_here(tensor: torch.Tensor | None) -> bool:
     return tensor is None or not tensor.is_inference() or torch.is_inference_mode_enabled()
 
 
+#: how each kind of model gets a null condition (for guidance and condition dropout), for error messages
+NULL_CONDITION_HINT = ("LlamaGen: class_dropout_prob > 0 (label dropout); HF adapter: uncond_ids=; "
+                       "ModuleAdapter: null_cond=")
+
+
 class BackboneAdapter(ABC):
     """Uniform view of a causal transformer over `[condition tokens] + [image tokens]`.
 
