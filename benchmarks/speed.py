@@ -10,19 +10,28 @@ are what matter; absolute times depend on the machine (quoted in the output).
 Random weights (the head is re-initialised so sampling is not uniform); cfg 2.0, top-k off. The JSON is
 rewritten after every row, so a run cut short keeps what it measured; `--append` merges into an existing
 file (one model per call on a machine with a per-command time limit). `benchmarks/plot_speed.py` draws it.
+
+Compilation dominates a GPU run (one inductor compile per sampler, model and batch size). `--precompile-jobs N`
+first compiles every one of them in N parallel worker processes, which fill inductor's on-disk caches; the
+timing process then loads each compiled step from the cache instead of compiling it. Timings are unchanged
+(the first call of every sampler is a warm-up that is never timed); only the wall time of the run shrinks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from unittest import mock
 
@@ -73,12 +82,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> list[float]:
+def timed(fn, device: str, repeats: int, warmup: bool = True) -> list[float]:
     """Seconds per call: wall clock on GPUs; on CPUs the process's CPU time, which other processes
     sharing the machine do not inflate (run with --threads 1 so it equals the work done)."""
     clock = time.perf_counter if device.startswith("cuda") else time.process_time
-    fn()  # warm-up (and compilation, and CUDA-graph recording)
-    sync(device)
+    if warmup:  # compilation, CUDA-graph recording, allocator growth
+        fn()
+        sync(device)
     times = []
     for _ in range(repeats):
         start = clock()
@@ -159,20 +169,42 @@ def parse_args(argv: list[str] | None):
                         help="LlamaGen's generate() allocates new KV caches on every call, so its CUDA graphs are "
                              "re-recorded per call; 'reuse' (default, the stronger baseline) keeps caches of the "
                              "same shape, as a line LlamaGen left commented out in setup_caches does")
+    parser.add_argument("--eager-repeats", type=int, default=None,
+                        help="timed runs of LlamaGen's eager generate() (default: --repeats); seconds per call on "
+                             "a GPU, so 1 saves device time")
+    parser.add_argument("--precompile-jobs", type=int, default=0,
+                        help="compile every sampler's decode step first, in this many parallel processes that fill "
+                             "inductor's on-disk caches (0: compile in the timing process, one after the other)")
+    parser.add_argument("--precompile-timeout", type=float, default=900.0,
+                        help="seconds one precompile process may take before it is stopped (the timing process then "
+                             "compiles that step itself)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no further model once the run has taken this long (the JSON names those skipped)")
+    parser.add_argument("--precompile-task", nargs=4, metavar=("MODEL", "BATCH", "SAMPLER", "REPORT"),
+                        help=argparse.SUPPRESS)  # one worker of --precompile-jobs
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in PRESETS and m not in LLAMAGEN_PRESETS]
     if unknown:
         parser.error(f"--models: unknown model(s) {unknown}")
+    for name in ("repeats", "eager_repeats", "precompile_jobs"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "precompile_jobs" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'precompile_jobs' else 1}, got {value}")
     if args.check_models is None:
         args.check_models = args.models[:1]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reference:  # first, in workers too: any inductor settings it makes then hold for every compile
+        import_reference(args.reference)
+    if args.precompile_task:
+        return precompile_worker(args)
+    started = time.monotonic()
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     bandwidth = copy_bandwidth(args.device)
@@ -180,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             "cfg_scale": args.cfg_scale, "window": args.window, "threads": torch.get_num_threads(),
             "copy_bandwidth_GBps": bandwidth / 1e9, "python": sys.version.split()[0],
             "compile_ours": compile_options(args), "llamagen_caches": args.llamagen_caches,
-            "command": shlex.join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
+            "command": shlex.join(["python", "benchmarks/speed.py", *argv])}
     out = Path(args.json)
     rows, checks = [], {}
     if args.append and not out.exists():  # a fresh file would silently drop the rows the user meant to keep
@@ -196,9 +228,18 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks,
                                    "targets": evaluate_targets(rows, args.window)}, indent=2) + "\n")
 
+    precompiled = {}
+    if args.precompile_jobs:
+        precompiled, meta["precompile"] = precompile(args, argv)
+        save()
     for name in args.models:
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            meta.setdefault("skipped_models", []).append(name)
+            print(f"{name}: not started, the run has taken more than --time-budget {args.time_budget:g} s")
+            save()
+            continue
         torch._dynamo.reset()  # fresh compile caches per model (LlamaGen's compiled path hits the recompile cap)
-        model = make_model(name, args.device, dtype)
+        model = make_model(name, args.device, DTYPES[args.dtype])
         wrapper = make_wrapper(model, args.window)
         tokens = model.block_size
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -206,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch_sizes:
             cond = torch.arange(batch, device=args.device) % model.num_classes
             result = {"model": name, "batch": batch, "tokens": tokens, "floor_s": floor, "param_bytes": param_bytes}
-            result.update(measure(args, model, wrapper, cond))
+            result.update(measure(args, model, wrapper, cond, {k[2]: v for k, v in precompiled.items()
+                                                              if k[:2] == (name, batch)}))
             rows.append(result)
             print_row(result, args.window, args.device.startswith("cuda"))
             save()
@@ -216,15 +258,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fast path vs eager ({args.check_dtype}, batch {min(args.batch_sizes)}): {checks[name]}")
             save()
 
+    meta["wall_s"] = time.monotonic() - started
+    save()
     print_targets(evaluate_targets(rows, args.window))
-    print(f"\ndevice: {device_name} ({args.device}), torch {torch.__version__}, {args.dtype}; wrote {out}")
+    print(f"\ndevice: {device_name} ({args.device}), torch {torch.__version__}, {args.dtype}; "
+          f"{meta['wall_s']:.0f} s; wrote {out}")
     return 0
 
 
-def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor) -> dict:
-    """Median seconds per batch of every sampler, run one after the other on the same model.
-
-    A sampler that fails is reported under `errors` and the others still run."""
+def sampler_runs(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor) -> dict:
+    """Every sampler the run times, as a function that samples one batch (same model, settings and seed)."""
     gen = torch.Generator(device=args.device)
     compiled = compile_options(args)
     runs = {
@@ -235,48 +278,85 @@ def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor)
     }
     if args.reference:
         runs.update(reference_runs(args, model, cond))
-    # samplers whose first call compiles a decode step with inductor (its generated code is counted)
-    ours_inductor = compiled and args.compile_backend in ("", "inductor")
-    inductor = {"llamagen_compiled"} | ({"plain", f"tensorar_k{args.window}"} if ours_inductor else set())
-    result: dict = {"errors": {}, "cudagraph_skips": {}, "kernels_per_step": {}}
-    skips = counters["inductor"]
+    return runs
+
+
+def inductor_samplers(args) -> list[str]:
+    """The samplers whose first call compiles a decode step with inductor (its generated code can be counted,
+    and its compile cached)."""
+    ours = bool(compile_options(args)) and args.compile_backend in ("", "inductor")
+    labels = ["plain", f"tensorar_k{args.window}"] if ours else []
+    return labels + (["llamagen_compiled"] if args.reference and args.compile else [])
+
+
+def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor,
+            precompiled: dict | None = None) -> dict:
+    """Median seconds per batch of every sampler, run one after the other on the same model.
+
+    A sampler that fails is reported under `errors` and the others still run. `precompiled`: what the
+    precompile workers reported for this model and batch (kernel counts a cache hit cannot show)."""
+    precompiled = precompiled or {}
+    runs = sampler_runs(args, model, cond=cond, wrapper=wrapper)
+    inductor = set(inductor_samplers(args))
+    result: dict = {"errors": {}, "cudagraph_skips": {}, "kernels_per_step": {}, "first_call_s": {},
+                    "compile_cache": {}}
+    stats = counters["inductor"]
     for label, fn in runs.items():
-        before = skips["cudagraph_skips"]
+        before = {key: stats[key] for key in ("cudagraph_skips", "fxgraph_cache_hit", "fxgraph_cache_miss")}
+        repeats = args.eager_repeats or args.repeats if label == "llamagen_eager" else args.repeats
         try:
             with torch.inference_mode():
-                if label in inductor:
-                    result["kernels_per_step"][label] = decode_step_kernels(fn)
-                result[label] = statistics.median(timed(fn, args.device, args.repeats))
+                start = time.perf_counter()
+                if label in inductor:  # a step loaded from the cache generates no code: its worker counted it
+                    kernels = decode_step_kernels(fn)
+                    result["kernels_per_step"][label] = kernels or precompiled.get(label, {}).get("kernels_per_step")
+                else:
+                    fn()
+                sync(args.device)
+                result["first_call_s"][label] = time.perf_counter() - start  # compile (or cache load) and one run
+                # a compiled step's second call records its CUDA graphs (the first ran it as warm-up): untimed too
+                result[label] = statistics.median(timed(fn, args.device, repeats, warmup=label in inductor))
         except Exception as error:  # noqa: BLE001 - report it in the table and go on with the other samplers
             traceback.print_exc()
             result["errors"][label] = f"{type(error).__name__}: {error}"[:500]
         # graphs inductor compiled but did not capture as CUDA graphs (a silent slow path under reduce-overhead)
-        result["cudagraph_skips"][label] = skips["cudagraph_skips"] - before
+        result["cudagraph_skips"][label] = stats["cudagraph_skips"] - before["cudagraph_skips"]
+        if label in inductor:
+            result["compile_cache"][label] = {"hits": stats["fxgraph_cache_hit"] - before["fxgraph_cache_hit"],
+                                              "misses": stats["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]}
     return result
 
 
-def fast_path_check(args, name: str, batch: int) -> dict:
-    """Does the fast (compiled) path pick exactly the eager path's tokens? Greedy plain, greedy TensorAR
-    (argmax drafts) and sampled TensorAR from the same generator, run in `--check-dtype`."""
-    if not compile_options(args):
-        return {"skipped": "needs --compile-ours"}
+#: the fast-path token checks: greedy plain, greedy TensorAR (argmax drafts), sampled TensorAR
+CHECK_CASES = ("plain_greedy", "tensorar_greedy", "tensorar_sampled")
+
+
+def check_runs(args, name: str, batch: int) -> dict:
+    """The checked samplers on a fresh `--check-dtype` model; each takes `compile=` (fast path or eager)."""
     model = make_model(name, args.device, DTYPES[args.check_dtype])
     wrapper = make_wrapper(model, args.window)
     cond = torch.arange(batch, device=args.device) % model.num_classes
-    compiled = compile_options(args)
 
     def seeded():
         return torch.Generator(device=args.device).manual_seed(0)
 
-    cases = {
+    return {
         "plain_greedy": lambda **kw: sample_plain(model, cond, cfg_scale=args.cfg_scale, greedy=True, **kw),
         "tensorar_greedy": lambda **kw: wrapper.generate(cond, cfg_scale=args.cfg_scale, greedy=True,
                                                          draft="argmax", **kw),
         "tensorar_sampled": lambda **kw: wrapper.generate(cond, cfg_scale=args.cfg_scale, generator=seeded(), **kw),
     }
+
+
+def fast_path_check(args, name: str, batch: int) -> dict:
+    """Does the fast (compiled) path pick exactly the eager path's tokens? Each of `CHECK_CASES`, run in
+    `--check-dtype`, fast and eager from the same generator."""
+    compiled = compile_options(args)
+    if not compiled:
+        return {"skipped": "needs --compile-ours"}
     report = {}
     with torch.inference_mode():
-        for label, run in cases.items():
+        for label, run in check_runs(args, name, batch).items():
             try:
                 fast, eager = run(compile=compiled), run()
                 same = fast == eager
@@ -285,6 +365,108 @@ def fast_path_check(args, name: str, batch: int) -> dict:
                 traceback.print_exc()
                 report[label] = {"error": f"{type(error).__name__}: {error}"[:500]}
     return report
+
+
+def model_size(name: str) -> int:
+    """Rough compile cost of a model: its width squared times its depth."""
+    config = PRESETS.get(name) or LLAMAGEN_PRESETS[name]
+    return config["dim"] ** 2 * config["n_layer"]
+
+
+def compile_tasks(args) -> list[tuple[str, int, str]]:
+    """(model, batch, sampler) of every decode step the run compiles, fast-path checks (`check:<case>`) included;
+    largest models first, so that the longest compiles do not start last."""
+    samplers = inductor_samplers(args)
+    tasks = [(name, batch, label) for name in args.models for batch in args.batch_sizes for label in samplers]
+    if "plain" in samplers:  # our steps compile with inductor, so the checks' fast paths do too
+        tasks += [(name, min(args.batch_sizes), f"check:{case}") for name in args.models
+                  if name in args.check_models for case in CHECK_CASES]
+    return sorted(tasks, key=lambda task: -model_size(task[0]))
+
+
+def without_flag(argv: list[str], flag: str, values: int) -> list[str]:
+    """`argv` without `flag` and the `values` arguments after it (also in its `--flag=value` form)."""
+    kept, skip = [], 0
+    for item in argv:
+        if skip:
+            skip -= 1
+        elif item == flag:
+            skip = values
+        elif not item.startswith(flag + "="):
+            kept.append(item)
+    return kept
+
+
+def precompile(args, argv: list[str]) -> tuple[dict, dict]:
+    """Compile every decode step of the run in `--precompile-jobs` parallel processes of this script.
+
+    Each worker builds the same model and calls one sampler once, which compiles its step and writes it to
+    inductor's on-disk caches (FX graph and autotuning caches); the timing process then finds it there.
+    Returns the workers' reports by (model, batch, sampler) and a summary for the JSON's meta."""
+    tasks = compile_tasks(args)
+    jobs = min(args.precompile_jobs, len(tasks)) or 1
+    env = dict(os.environ)  # workers share the cores: inductor's own compile threads are divided among them
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    base = without_flag(argv, "--precompile-jobs", 1)
+    script = str(Path(__file__).resolve())
+    reports: dict = {}
+    started = time.monotonic()
+    print(f"precompiling {len(tasks)} decode steps in {jobs} processes")
+    with tempfile.TemporaryDirectory(prefix="speed_precompile_") as tmp:
+
+        def run(task: tuple[str, int, str]) -> dict:
+            name, batch, label = task
+            report = Path(tmp) / f"{name}_{batch}_{label.replace(':', '_')}.json"
+            command = [sys.executable, script, *base, "--precompile-task", name, str(batch), label, str(report)]
+            try:
+                done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                      timeout=args.precompile_timeout)
+            except subprocess.TimeoutExpired:
+                return {"error": f"stopped after --precompile-timeout {args.precompile_timeout:g} s"}
+            if done.returncode or not report.exists():
+                return {"error": f"exit code {done.returncode}: {done.stderr.strip()[-500:]}"}
+            return json.loads(report.read_text())
+
+        with ThreadPoolExecutor(jobs) as pool:
+            futures = {pool.submit(run, task): task for task in tasks}
+            for count, future in enumerate(as_completed(futures), 1):
+                task = futures[future]
+                reports[task] = report = future.result()
+                name, batch, label = task
+                what = (f"failed: {report['error'].splitlines()[-1][:200]}" if "error" in report
+                        else f"{report['seconds']:.0f} s, {report.get('kernels_per_step')} kernels per step")
+                print(f"  [{count}/{len(tasks)}] {name} batch {batch} {label}: {what}", flush=True)
+    summary = {"jobs": jobs, "tasks": len(tasks), "wall_s": time.monotonic() - started,
+               "failed": [f"{name} batch {batch} {label}" for (name, batch, label), r in reports.items()
+                          if "error" in r]}
+    print(f"precompiled in {summary['wall_s']:.0f} s" + (f"; failed: {summary['failed']}" if summary["failed"] else ""))
+    return reports, summary
+
+
+def precompile_worker(args) -> int:
+    """One `--precompile-jobs` worker: the first call of one sampler (compiling its decode step), reported as
+    JSON with its time, kernel launches per step and CUDA-graph skips."""
+    name, batch, label, report = args.precompile_task
+    batch = int(batch)
+    # Workers share the GPU, so the timings by which Triton picks a kernel's launch configuration on first use
+    # would be skewed: they are not cached (the flag goes into the cached code), and the timing process, alone
+    # on the GPU, tunes each kernel itself on its warm-up call, as it does without precompiling
+    torch._inductor.config.autotune_local_cache = False
+    if label.startswith("check:"):
+        run = check_runs(args, name, batch)[label.removeprefix("check:")]
+        fn = lambda: run(compile=compile_options(args))  # noqa: E731
+    else:
+        model = make_model(name, args.device, DTYPES[args.dtype])
+        cond = torch.arange(batch, device=args.device) % model.num_classes
+        fn = sampler_runs(args, model, make_wrapper(model, args.window), cond)[label]
+    skips = counters["inductor"]["cudagraph_skips"]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        kernels = decode_step_kernels(fn)
+    sync(args.device)
+    Path(report).write_text(json.dumps({"seconds": time.perf_counter() - start, "kernels_per_step": kernels,
+                                        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}))
+    return 0
 
 
 def evaluate_targets(rows: list[dict], window: int) -> list[dict]:
@@ -361,12 +543,23 @@ def _reusing_setup_caches(ref):
     return setup_caches
 
 
+def import_reference(path: str):
+    """LlamaGen's `gpt` and `generate` modules from a checkout at `path` (its `autoregressive` and `utils`
+    folders); a clear exit, before anything is compiled, when they cannot be imported."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        from autoregressive.models import generate as ref_generate
+        from autoregressive.models import gpt as ref_gpt
+    except ImportError as error:
+        raise SystemExit(f"--reference {path}: cannot import LlamaGen's autoregressive.models from it ({error}); "
+                         f"it needs the checkout's autoregressive/ and utils/ folders") from error
+    return ref_gpt, ref_generate
+
+
 def reference_runs(args, model: LlamaGen, cond: torch.Tensor) -> dict:
     """LlamaGen's own generate() on the same weights (eager, and compiled when asked)."""
-    sys.path.insert(0, args.reference)
-    from autoregressive.models import generate as ref_generate
-    from autoregressive.models import gpt as ref_gpt
-
+    ref_gpt, ref_generate = import_reference(args.reference)
     ref = model.__dict__.get("_llamagen_reference")  # built once per model, not once per batch size
     if ref is None:
         with torch.device(args.device):  # built where it runs: a GPT-XL built on a CPU takes tens of seconds

@@ -122,6 +122,65 @@ def test_kernel_count_of_compiled_decode_steps():
     assert again is None
 
 
+def test_precompile_workers_fill_the_cache_the_timing_process_loads(tmp_path, monkeypatch):
+    """--precompile-jobs: parallel workers compile every step; the timing process compiles none of them itself
+    (each step is a hit in inductor's FX graph cache), and it reports the kernel counts the workers saw."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on CPU needs a C compiler")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty: only the workers fill it
+    speed, out = load_script("speed"), tmp_path / "speed.json"
+    assert speed.main(["--models", "micro", "--batch-sizes", "1", "--repeats", "1", "--compile-ours",
+                       "--compile-mode", "", "--check-models", "--precompile-jobs", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {k: data["meta"]["precompile"][k] for k in ("jobs", "tasks", "failed")} == {"jobs": 2, "tasks": 2,
+                                                                                       "failed": []}
+    (row,) = data["rows"]
+    assert row["compile_cache"] == {"plain": {"hits": 1, "misses": 0}, "tensorar_k4": {"hits": 1, "misses": 0}}
+    kernels = row["kernels_per_step"]
+    assert kernels["plain"] > 0 and kernels["tensorar_k4"] > kernels["plain"]  # counted by the workers
+    assert not row["errors"] and row["plain"] > 0 and row["tensorar_k4"] > 0
+
+
+def test_precompile_tasks_cover_every_compiled_step_largest_model_first():
+    speed = load_script("speed")
+    args = speed.parse_args(["--models", "micro", "GPT-B", "--batch-sizes", "1", "32", "--compile-ours",
+                             "--check-models", "micro", "--reference", "/ref", "--compile"])
+    tasks = speed.compile_tasks(args)
+    samplers = ["plain", "tensorar_k4", "llamagen_compiled"]
+    assert tasks[:6] == [("GPT-B", b, s) for b in (1, 32) for s in samplers]
+    assert tasks[6:] == [("micro", b, s) for b in (1, 32) for s in samplers] + [
+        ("micro", 1, f"check:{case}") for case in speed.CHECK_CASES]
+    # without --compile-ours only LlamaGen's step is compiled, and the fast-path checks have nothing to check
+    args = speed.parse_args(["--models", "micro", "--batch-sizes", "1", "--reference", "/ref", "--compile"])
+    assert speed.compile_tasks(args) == [("micro", 1, "llamagen_compiled")]
+    # a worker gets the run's own arguments without the flag that would make it start workers of its own
+    argv = ["--models", "micro", "--precompile-jobs", "4", "--repeats", "2", "--precompile-jobs=3"]
+    assert speed.without_flag(argv, "--precompile-jobs", 1) == ["--models", "micro", "--repeats", "2"]
+
+
+@pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--eager-repeats", "0"), ("--precompile-jobs", "-1")])
+def test_speed_benchmark_rejects_counts_out_of_range(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        load_script("speed").parse_args([flag, value])
+    assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+def test_speed_benchmark_time_budget_skips_later_models(tmp_path):
+    speed, out = load_script("speed"), tmp_path / "speed.json"
+    assert speed.main(["--models", "micro", "micro", "--batch-sizes", "1", "--repeats", "1", "--check-models",
+                       "--time-budget", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] == [] and data["meta"]["skipped_models"] == ["micro", "micro"]
+
+
+def test_reference_that_cannot_be_imported_stops_the_run_before_compiling(tmp_path):
+    with pytest.raises(SystemExit, match="--reference .*cannot import LlamaGen's autoregressive.models"):
+        load_script("speed").main(["--models", "micro", "--reference", str(tmp_path), "--json",
+                                   str(tmp_path / "speed.json")])
+
+
 def test_quality_steps_plot_sorts_runs_into_series_and_refuses_duplicates(tmp_path, capsys):
     steps_plot = load_script("plot_quality_steps")
     settings = {"steps": 200, "noise_schedule": None, "draft_source": None, "slot_weights": None}
