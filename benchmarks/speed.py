@@ -303,7 +303,7 @@ def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor,
     stats = counters["inductor"]
     for label, fn in runs.items():
         before = {key: stats[key] for key in ("cudagraph_skips", "fxgraph_cache_hit", "fxgraph_cache_miss")}
-        repeats = args.eager_repeats or args.repeats if label == "llamagen_eager" else args.repeats
+        repeats = (args.eager_repeats or args.repeats) if label == "llamagen_eager" else args.repeats
         try:
             with torch.inference_mode():
                 start = time.perf_counter()
@@ -358,9 +358,13 @@ def fast_path_check(args, name: str, batch: int) -> dict:
     with torch.inference_mode():
         for label, run in check_runs(args, name, batch).items():
             try:
-                fast, eager = run(compile=compiled), run()
-                same = fast == eager
-                report[label] = {"tokens_equal": bool(same.all()), "fraction_equal": same.float().mean().item()}
+                hits, misses = (counters["inductor"][key] for key in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
+                fast = run(compile=compiled)
+                cache = {"hits": counters["inductor"]["fxgraph_cache_hit"] - hits,
+                         "misses": counters["inductor"]["fxgraph_cache_miss"] - misses}
+                same = fast == run()
+                report[label] = {"tokens_equal": bool(same.all()), "fraction_equal": same.float().mean().item(),
+                                 "compile_cache": cache}
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
                 report[label] = {"error": f"{type(error).__name__}: {error}"[:500]}
@@ -401,7 +405,7 @@ def precompile(args, argv: list[str]) -> tuple[dict, dict]:
     """Compile every decode step of the run in `--precompile-jobs` parallel processes of this script.
 
     Each worker builds the same model and calls one sampler once, which compiles its step and writes it to
-    inductor's on-disk caches (FX graph and autotuning caches); the timing process then finds it there.
+    inductor's on-disk FX graph cache; the timing process then finds it there.
     Returns the workers' reports by (model, batch, sampler) and a summary for the JSON's meta."""
     tasks = compile_tasks(args)
     jobs = min(args.precompile_jobs, len(tasks)) or 1
@@ -445,7 +449,7 @@ def precompile(args, argv: list[str]) -> tuple[dict, dict]:
 
 def precompile_worker(args) -> int:
     """One `--precompile-jobs` worker: the first call of one sampler (compiling its decode step), reported as
-    JSON with its time, kernel launches per step and CUDA-graph skips."""
+    JSON with its time and kernel launches per step."""
     name, batch, label, report = args.precompile_task
     batch = int(batch)
     # Workers share the GPU, so the timings by which Triton picks a kernel's launch configuration on first use
@@ -459,13 +463,11 @@ def precompile_worker(args) -> int:
         model = make_model(name, args.device, DTYPES[args.dtype])
         cond = torch.arange(batch, device=args.device) % model.num_classes
         fn = sampler_runs(args, model, make_wrapper(model, args.window), cond)[label]
-    skips = counters["inductor"]["cudagraph_skips"]
     start = time.perf_counter()
     with torch.inference_mode():
         kernels = decode_step_kernels(fn)
     sync(args.device)
-    Path(report).write_text(json.dumps({"seconds": time.perf_counter() - start, "kernels_per_step": kernels,
-                                        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}))
+    Path(report).write_text(json.dumps({"seconds": time.perf_counter() - start, "kernels_per_step": kernels}))
     return 0
 
 

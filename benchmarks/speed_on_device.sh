@@ -69,6 +69,8 @@ for model, cases in data["checks"].items():
         problems[f"{model} fast path != eager"] = wrong
 misses = {f"{r['model']} batch {r['batch']}": c for r in data["rows"] for c in [r.get("compile_cache", {})]
           if any(v["misses"] for v in c.values())}
+misses.update({f"{model} check {case}": v["compile_cache"] for model, cases in data["checks"].items()
+               for case, v in cases.items() if v.get("compile_cache", {}).get("misses")})
 print("compile cache misses after precompiling (time lost, not a failure):", misses or "none")
 for target in data["targets"]:
     print(f"  {'PASS' if target['pass'] else 'FAIL'}  {target['target']}: {target['value']:.2f}")
