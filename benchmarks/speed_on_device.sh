@@ -2,6 +2,7 @@
 # speed.py on a GPU machine that runs commands under a time limit (see docs/benchmarks.md).
 #
 #   bash benchmarks/speed_on_device.sh all OUT_DIR [LLAMAGEN_DIR]     # issue 8 in one call: tiny, GPT-B, GPT-L
+#   bash benchmarks/speed_on_device.sh autotune OUT_DIR               # ours under max-autotune, GPT-B/L batch 1
 #   bash benchmarks/speed_on_device.sh smoke OUT_DIR [LLAMAGEN_DIR]   # tiny model + the fp64 fast-path check
 #   bash benchmarks/speed_on_device.sh GPT-XL OUT_DIR [LLAMAGEN_DIR]  # one model per call: GPT-B, GPT-L, GPT-XL
 #   bash benchmarks/speed_on_device.sh memory OUT_DIR                 # training memory (benchmarks/memory.py)
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-mode="${1:?usage: speed_on_device.sh all|smoke|GPT-B|GPT-L|GPT-XL|memory OUT_DIR [LLAMAGEN_DIR]}"
+mode="${1:?usage: speed_on_device.sh all|autotune|smoke|GPT-B|GPT-L|GPT-XL|memory OUT_DIR [LLAMAGEN_DIR]}"
 out="${2:?usage: speed_on_device.sh MODE OUT_DIR [LLAMAGEN_DIR]}"
 reference="${3:-.llamagen_ref}"
 mkdir -p "$out"
@@ -32,19 +33,23 @@ if [ "$mode" = memory ]; then  # GPT-B and GPT-L at LlamaGen's per-GPU batch (25
 fi
 
 jobs="$(python3 -c 'import os; print(min(16, os.cpu_count() or 1))')"
-common=(--device "$device" --dtype bf16 --compile-ours --compile --precompile-jobs "$jobs" --eager-repeats 1)
-if [ -d "$reference/autoregressive" ]; then
+common=(--device "$device" --dtype bf16 --compile-ours --compile --precompile-jobs "$jobs" --eager-repeats 1
+        --precompile-timeout 300)
+if [ "$mode" = autotune ]; then  # a variant of our fast path alone: LlamaGen's step is the same in every run
+    common+=(--compile-mode max-autotune)
+elif [ -d "$reference/autoregressive" ]; then
     common+=(--reference "$reference")
 else
     echo "no LlamaGen checkout at $reference: LlamaGen's generate() is not timed" >&2
 fi
 case "$mode" in
     all)    models=(tiny GPT-B GPT-L); checks=(tiny GPT-B); batches=(1 32) ;;  # every target of issue 8
+    autotune) models=(GPT-B GPT-L); checks=(); batches=(1) ;;  # Triton matmuls with fused epilogues: fewer launches?
     smoke)  models=(tiny); checks=(tiny); batches=(1) ;;
     *)      models=("$mode"); checks=(); batches=(1 32) ;;
 esac
 if [ "$device" = cpu ]; then  # a dry run: the same calls on models a CPU samples in seconds
-    common=("${common[@]/bf16/fp32}" --compile-mode '')
+    common=("${common[@]/bf16/fp32}"); [ "$mode" = autotune ] || common+=(--compile-mode '')
     models=(micro); checks=(micro); batches=(1 2)
 fi
 json="$out/speed_$mode.json"
