@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 
 #: (JSON key, legend label) of the samplers, in the order they are drawn
-SAMPLERS = [("llamagen_eager", "LlamaGen generate() eager"), ("llamagen_compiled", "LlamaGen generate() compiled"),
+SAMPLERS = [("llamagen_eager", "LlamaGen generate() eager"),
+            ("llamagen_sample_c2i", "LlamaGen compiled as sample_c2i.py"),
+            ("llamagen_compiled", "LlamaGen generate() compiled"),
             ("plain", "ours, plain"), ("tensorar", "ours, TensorAR")]
 
 
@@ -38,10 +40,14 @@ def markdown_table(data: dict) -> str:
     window = data["meta"]["window"]
     kernels = any(row.get("kernels_per_step") for row in data["rows"])  # counted by runs since 2026-11-23
     extra = " kernels per step (plain / TensorAR / LlamaGen) |" if kernels else ""
-    lines = ["| model | batch | LlamaGen eager (ms) | LlamaGen compiled (ms) | ours plain (ms) | "
-             f"TensorAR k={window} (ms) | TensorAR tok/s | floor (ms) | LlamaGen compiled / TensorAR | "
-             "TensorAR / plain | plain / floor |" + extra,
-             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if kernels else "")]
+    # sample_c2i.py's whole-model compile, timed by runs since 2026-12-04: its columns only where a row has it
+    shipped = any("llamagen_sample_c2i" in row for row in data["rows"])
+    lines = ["| model | batch | LlamaGen eager (ms) | " + ("LlamaGen sample_c2i.py compile (ms) | " if shipped else "")
+             + f"LlamaGen compiled (ms) | ours plain (ms) | TensorAR k={window} (ms) | TensorAR tok/s | floor (ms) | "
+             + ("sample_c2i.py / TensorAR | " if shipped else "")
+             + "LlamaGen compiled / TensorAR | TensorAR / plain | plain / floor |" + extra,
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if shipped else "")
+             + ("---|" if kernels else "")]
     for row in data["rows"]:
         t = sampler_times(row, window)
 
@@ -53,9 +59,12 @@ def markdown_table(data: dict) -> str:
 
         per_second = f"{row['batch'] * row['tokens'] / t['tensorar']:.0f}" if "tensorar" in t else "-"
         over_floor = f"{t['plain'] / row['floor_s']:.2f}x" if "plain" in t else "-"
-        lines.append(f"| {row['model']} | {row['batch']} | {ms('llamagen_eager')} | {ms('llamagen_compiled')} | "
-                     f"{ms('plain')} | {ms('tensorar')} | {per_second} | {row['floor_s'] * 1e3:.1f} | "
-                     f"{ratio('llamagen_compiled', 'tensorar')} | {ratio('tensorar', 'plain')} | {over_floor} |"
+        lines.append(f"| {row['model']} | {row['batch']} | {ms('llamagen_eager')} | "
+                     + (f"{ms('llamagen_sample_c2i')} | " if shipped else "")
+                     + f"{ms('llamagen_compiled')} | {ms('plain')} | {ms('tensorar')} | {per_second} | "
+                     f"{row['floor_s'] * 1e3:.1f} | "
+                     + (f"{ratio('llamagen_sample_c2i', 'tensorar')} | " if shipped else "")
+                     + f"{ratio('llamagen_compiled', 'tensorar')} | {ratio('tensorar', 'plain')} | {over_floor} |"
                      + (f" {kernel_cell(row, window)} |" if kernels else ""))
     return "\n".join(lines)
 

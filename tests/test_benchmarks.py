@@ -148,13 +148,13 @@ def test_precompile_tasks_cover_every_compiled_step_largest_model_first():
     args = speed.parse_args(["--models", "micro", "GPT-B", "--batch-sizes", "1", "32", "--compile-ours",
                              "--check-models", "micro", "--reference", "/ref", "--compile"])
     tasks = speed.compile_tasks(args)
-    samplers = ["plain", "tensorar_k4", "llamagen_compiled"]
-    assert tasks[:6] == [("GPT-B", b, s) for b in (1, 32) for s in samplers]
-    assert tasks[6:] == [("micro", b, s) for b in (1, 32) for s in samplers] + [
+    samplers = ["plain", "tensorar_k4", "llamagen_compiled", "llamagen_sample_c2i"]
+    assert tasks[:8] == [("GPT-B", b, s) for b in (1, 32) for s in samplers]
+    assert tasks[8:] == [("micro", b, s) for b in (1, 32) for s in samplers] + [
         ("micro", 1, f"check:{case}") for case in speed.CHECK_CASES]
     # without --compile-ours only LlamaGen's step is compiled, and the fast-path checks have nothing to check
     args = speed.parse_args(["--models", "micro", "--batch-sizes", "1", "--reference", "/ref", "--compile"])
-    assert speed.compile_tasks(args) == [("micro", 1, "llamagen_compiled")]
+    assert speed.compile_tasks(args) == [("micro", 1, "llamagen_compiled"), ("micro", 1, "llamagen_sample_c2i")]
     # a worker gets the run's own arguments without the flag that would make it start workers of its own
     argv = ["--models", "micro", "--precompile-jobs", "4", "--repeats", "2", "--precompile-jobs=3"]
     assert speed.without_flag(argv, "--precompile-jobs", 1) == ["--models", "micro", "--repeats", "2"]
@@ -173,6 +173,91 @@ def test_speed_benchmark_time_budget_skips_later_models(tmp_path):
                        "--time-budget", "0", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["rows"] == [] and data["meta"]["skipped_models"] == ["micro", "micro"]
+
+
+# A stand-in for a LlamaGen checkout with the two modules the benchmark imports: our LlamaGen under its names
+# (same constructor arguments, state dict, setup_caches and forward modes) and a greedy generate() that, like
+# LlamaGen's, looks its per-token step up by module-global name and sets up new caches on every call.
+STUB_GPT = "from tensorar_plugin.models.llamagen import LlamaGen as Transformer, LlamaGenConfig as ModelArgs\n"
+STUB_GENERATE = """
+import torch
+
+def decode_one_token(model, x, input_pos, cfg_scale, cfg_flag):
+    logits, _ = model(torch.cat([x, x]) if cfg_scale > 1.0 else x, cond_idx=None, input_pos=input_pos)
+    if cfg_scale > 1.0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + (cond - uncond) * cfg_scale if cfg_flag else cond
+    return logits[:, -1].argmax(dim=-1, keepdim=True), None
+
+@torch.no_grad()
+def generate(model, cond, max_new_tokens, cfg_scale=1.0):
+    rows = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if cfg_scale > 1.0 else cond
+    model.setup_caches(max_batch_size=rows.shape[0], max_seq_length=1 + max_new_tokens,
+                       dtype=model.tok_embeddings.weight.dtype)
+    logits, _ = model(None, rows, torch.arange(1, device=cond.device))
+    if cfg_scale > 1.0:
+        c, u = logits.chunk(2)
+        logits = u + (c - u) * cfg_scale
+    token, out = logits[:, -1].argmax(dim=-1, keepdim=True), []
+    for i in range(max_new_tokens):
+        out.append(token)
+        if i + 1 < max_new_tokens:
+            token, _ = decode_one_token(model, token, torch.tensor([1 + i], device=cond.device), cfg_scale, True)
+    return torch.cat(out, dim=1)
+"""
+
+
+@pytest.fixture
+def stub_llamagen(tmp_path):
+    import sys
+
+    root = tmp_path / "llamagen"
+    (root / "autoregressive" / "models").mkdir(parents=True)
+    (root / "autoregressive" / "__init__.py").write_text("")
+    (root / "autoregressive" / "models" / "__init__.py").write_text("")
+    (root / "autoregressive" / "models" / "gpt.py").write_text(STUB_GPT)
+    (root / "autoregressive" / "models" / "generate.py").write_text(STUB_GENERATE)
+    yield root
+    for name in [name for name in sys.modules if name.split(".")[0] == "autoregressive"]:
+        del sys.modules[name]
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+
+
+def test_speed_benchmark_times_llamagen_three_ways_from_a_checkout(stub_llamagen, tmp_path):
+    """--reference: LlamaGen's generate() eager, with its decode step compiled and caches reused, and compiled
+    as its sample_c2i.py does (the model's forward, new caches per call), on the same weights as ours."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on CPU needs a C compiler")
+    speed, out = load_script("speed"), tmp_path / "speed.json"
+    assert speed.main(["--models", "micro", "--batch-sizes", "2", "--repeats", "1", "--reference", str(stub_llamagen),
+                       "--compile", "--check-models", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert not row["errors"]
+    assert all(row[key] > 0 for key in ("plain", "tensorar_k4", "llamagen_eager", "llamagen_compiled",
+                                        "llamagen_sample_c2i"))
+    assert set(row["kernels_per_step"]) == {"llamagen_compiled", "llamagen_sample_c2i"}  # ours ran eager
+
+
+def test_llamagen_as_shipped_block_restores_the_cache_reuse_patch():
+    speed = load_script("speed")
+
+    class Ref:
+        def setup_caches(self, *args):
+            return "LlamaGen's own"
+
+    ref = Ref()
+    ref.setup_caches = speed._reusing_setup_caches(ref)
+    patched = ref.setup_caches
+    with speed._caches_as_shipped(ref):
+        assert ref.setup_caches() == "LlamaGen's own"
+    assert ref.setup_caches is patched
+    plain = Ref()
+    with speed._caches_as_shipped(plain):  # nothing patched: nothing to put back
+        pass
+    assert "setup_caches" not in plain.__dict__
 
 
 def test_reference_that_cannot_be_imported_stops_the_run_before_compiling(tmp_path):
