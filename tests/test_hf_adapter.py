@@ -102,6 +102,25 @@ def test_cached_generation_equals_uncached(arch, window):
     assert wrapper.generate(prompt, greedy=True, draft="argmax").shape == (2, 16)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cache_goes_by_the_name_the_installed_transformers_declares(arch):
+    """transformers 5 renames `past_key_values` to `cache` (the old name warns, and goes in 5.40): the adapter
+    passes and reads back whichever name the decoder's forward declares, so cached sampling warns nothing."""
+    import inspect
+    import warnings
+
+    model = BUILDERS[arch]()
+    _, prompt = data()
+    adapter = HFCausalLMAdapter(model, uncond_ids=torch.zeros(PROMPT, dtype=torch.long), max_image_tokens=16)
+    declared = inspect.signature(adapter.decoder.forward).parameters
+    assert adapter._cache_name == ("cache" if "cache" in declared else "past_key_values")
+    wrapper = TensorARWrapper(model, window=4, adapter=adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        wrapper.generate(prompt, 6, greedy=True, draft="argmax", cfg_scale=2.0)
+    assert adapter._cache is not None  # the model's own cache object was kept between steps
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_plain_greedy_sampling_matches_the_models_own_forward(cache):
     if cache == "static" and tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (4, 48):

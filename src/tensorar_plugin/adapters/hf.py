@@ -3,8 +3,9 @@
 `HFCausalLMAdapter` drives any `PreTrainedModel` with a causal LM head (`LlamaForCausalLM`,
 `Qwen2ForCausalLM`, `GPT2LMHeadModel`, ...) through its public interface only: the decoder is
 called with `inputs_embeds`, `position_ids`, `attention_mask` (only for padded prompts, from
-`cond_mask`), `past_key_values` (the `DynamicCache` the model creates and returns, or a
-`StaticCache`) and, on versions whose forward still takes it, `cache_position`. Image tokens are a
+`cond_mask`), the KV cache (the `DynamicCache` the model creates and returns, or a `StaticCache`;
+passed and read back as `cache` where the forward takes that name, transformers 5's rename, else as
+`past_key_values`) and, on versions whose forward still takes it, `cache_position`. Image tokens are a
 range of the LM vocabulary (`image_token_offset`, `image_vocab_size`) or have their own embedding
 and head (Janus-style `gen_embed` / `gen_head`).
 
@@ -216,6 +217,9 @@ class HFCausalLMAdapter(BackboneAdapter):
         self.cache_kind = cache
         forward_params = inspect.signature(self.decoder.forward).parameters
         self._takes_cache_position = "cache_position" in forward_params
+        # transformers 5 renames `past_key_values` to `cache` (argument and output field; the old name warns
+        # and is to be removed): use whichever name this version's forward declares
+        self._cache_name = "cache" if "cache" in forward_params else "past_key_values"
         self._cache = None
         self._cond_mask: torch.Tensor | None = None
         self._cache_args: tuple[int, int, torch.dtype] | None = None
@@ -357,7 +361,7 @@ class HFCausalLMAdapter(BackboneAdapter):
             kwargs["attention_mask"] = attention_mask
         if cached:
             if cache is not None:  # None: the model makes its own (dynamic) cache on the first call
-                kwargs["past_key_values"] = cache
+                kwargs[self._cache_name] = cache
             if self._takes_cache_position:
                 kwargs["cache_position"] = positions
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -374,7 +378,7 @@ class HFCausalLMAdapter(BackboneAdapter):
         last = out[0]
         # keep the cache the model returns: older transformers copy a passed Cache into a new object or use
         # legacy tuples, newer ones return the object they were given
-        returned = getattr(out, "past_key_values", None) if cached else None
+        returned = getattr(out, self._cache_name, None) if cached else None
         cache = returned if returned is not None else cache
         if self.final_norm is None:
             return last, cache
