@@ -364,6 +364,13 @@ def test_config_argument_is_not_changed_and_clashing_settings_are_refused():
     assert TensorARWrapper(tiny_llamagen(dim=48), config=config).config.base_hidden_size == 48
     with pytest.raises(ValueError, match="window, max_noise were also given"):
         TensorARWrapper(tiny_llamagen(), window=8, max_noise=0.1, config=config)
+    # a setting given at its default value is refused too: window=4 must not silently become the config's 2
+    with pytest.raises(ValueError, match="window was also given"):
+        TensorARWrapper(tiny_llamagen(), 4, config=config)
+    with pytest.raises(ValueError, match="noise_schedule was also given"):
+        TensorARWrapper(tiny_llamagen(), noise_schedule="exponential", config=config)
+    with pytest.raises(TypeError):  # a malformed call keeps Python's own error
+        TensorARWrapper(tiny_llamagen(), config=config, no_such_setting=1)
 
 
 def test_adaptive_noise_never_touches_the_first_slot():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import numbers
 from collections.abc import Callable, Iterator
@@ -115,24 +116,25 @@ class TensorAROutput:
     slot_losses: torch.Tensor  # mean cross-entropy of each slot `[k]`, detached, for logging
 
 
-def _differs(value: Any, default: Any) -> bool:
-    if value is default:
-        return False
-    try:
-        return bool(value != default)
-    except (TypeError, RuntimeError):  # tensors and other values without a plain truth value
-        return True
+def _refusing_settings_beside_config(init: Callable) -> Callable:
+    """Wrap `__init__` so that a TensorAR setting passed beside `config=` is an error, even at its default
+    value: the config defines every setting, and `window=4` beside a window-2 config must not silently lose."""
+    signature = inspect.signature(init)
+    settings = [f.name for f in fields(TensorARConfig) if f.name in signature.parameters]
 
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            given = signature.bind(self, *args, **kwargs).arguments
+        except TypeError:  # a malformed call: Python's own error, from the call itself
+            given = {}
+        clashes = [name for name in settings if name in given] if given.get("config") is not None else []
+        if clashes:
+            raise ValueError(f"pass either config= or the settings it holds, not both: {', '.join(clashes)} "
+                             f"{'was' if len(clashes) == 1 else 'were'} also given")
+        init(self, *args, **kwargs)
 
-def _refuse_arguments_beside_config(arguments: dict[str, Any]) -> None:
-    """`config=` defines every TensorAR setting: any of them also passed (not at its default) is an error,
-    rather than silently losing to the config."""
-    defaults = inspect.signature(TensorARWrapper.__init__).parameters
-    names = [f.name for f in fields(TensorARConfig) if f.name in defaults]
-    clashes = [name for name in names if _differs(arguments[name], defaults[name].default)]
-    if clashes:
-        raise ValueError(f"pass either config= or the settings it holds, not both: {', '.join(clashes)} "
-                         f"{'was' if len(clashes) == 1 else 'were'} also given")
+    return __init__
 
 
 class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
@@ -156,6 +158,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
             sampled from a gradient-free pass of the model over the noised windows, as generation makes them).
     """
 
+    @_refusing_settings_beside_config
     def __init__(self, model: nn.Module, window: int = 4, *, adapter: BackboneAdapter | None = None,
                  encoder_depth: int = 1, decoder_depth: int = 1, hidden_dim: int | None = None,
                  num_heads: int | None = None, mlp_ratio: float = 4.0, noise_schedule="exponential",
@@ -178,8 +181,7 @@ class TensorARWrapper(nn.Module, ModelHubMixin, library_name="tensorar-plugin",
                 max_noise=max_noise, slot_weights=slot_weights, label_dropout=label_dropout,
                 adaptive_momentum=adaptive_momentum, draft_source=draft_source,
             )
-        else:
-            _refuse_arguments_beside_config(locals())
+        else:  # no setting was passed beside it (`_refusing_settings_beside_config`)
             config = dataclasses.replace(config)  # filled in below: the caller's object stays as it was
             self._schedule = config.noise_schedule
         dim = self.adapter.hidden_size
