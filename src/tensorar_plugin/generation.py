@@ -21,6 +21,7 @@ from tqdm import tqdm  # plain text bar: tqdm.auto warns in notebooks without ip
 
 from .adapters import BackboneAdapter, find_adapter
 from .adapters.base import NULL_CONDITION_HINT
+from .checks import is_integer
 from .noise import PAD_ID
 from .sampling import check_sampling_args, guided_logits, race_noise, sample_tokens
 
@@ -66,10 +67,10 @@ def _check_num_tokens(num_tokens: int | None, adapter: BackboneAdapter) -> int:
     limit = adapter.max_image_tokens
     if num_tokens is None:
         return limit
-    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or not 1 <= num_tokens <= limit:
+    if not is_integer(num_tokens) or not 1 <= num_tokens <= limit:
         raise ValueError(f"num_tokens must be an integer in [1, {limit}] (the most image tokens the model "
                          f"generates), got {num_tokens!r}")
-    return num_tokens
+    return int(num_tokens)
 
 
 @torch.no_grad()
@@ -120,8 +121,9 @@ def generate_windows(
         raise ValueError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
     use_cache, return_history, progress = bool(use_cache), bool(return_history), bool(progress)
     compile = compile if isinstance(compile, dict) else bool(compile)
-    if not isinstance(cfg_interval, int) or isinstance(cfg_interval, bool) or cfg_interval < -1:
+    if not is_integer(cfg_interval) or cfg_interval < -1:
         raise ValueError(f"cfg_interval must be an integer >= -1 (-1 keeps guidance on), got {cfg_interval!r}")
+    cfg_interval = int(cfg_interval)
     batch = adapter.check_condition(cond)  # first: it fixes the prompt length that bounds the image length
     cond = cond.to(adapter.device)  # labels made on the CPU for a model on the GPU (no copy when already there)
     if generator is not None and generator.device.type != adapter.device.type:

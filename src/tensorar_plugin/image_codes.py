@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import is_integer
 from .files import atomic_path
 
 __all__ = ["tokenize_images", "check_output_name", "distributed_sync", "center_crop", "ten_crop_views",
@@ -451,7 +452,7 @@ def tokenize_images(images_or_folder: Any, vq_model: nn.Module, out_root: str | 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if image_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        if not is_integer(image_size) or image_size < 1:
             raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
         image_size = int(image_size)  # a NumPy integer would not go into the JSON record
     if num_workers < 0:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from .checks import is_integer
+
 __all__ = ["SCHEDULES", "ADAPTIVE", "EXPONENTIAL_RATE", "PAD_ID", "noise_schedule", "discrete_tensor_noise",
            "clean_first_slot", "replace_slots"]
 
@@ -53,8 +55,9 @@ def noise_schedule(window: int, schedule: Schedule = "exponential", *, max_noise
     `schedule` is a name from `SCHEDULES` or a callable mapping `u` in [0, 1] to [0, 1]; the result is
     scaled by `max_noise` and slot 0 is forced to 0.
     """
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    if not is_integer(window) or window < 1:
         raise ValueError(f"window must be a positive integer, got {window!r}")
+    window = int(window)
     if not 0.0 <= max_noise <= 1.0:
         raise ValueError(f"max_noise must be in [0, 1], got {max_noise!r}")
     if isinstance(schedule, str):
@@ -95,8 +98,9 @@ def discrete_tensor_noise(windows: torch.Tensor, codebook_size: int, schedule: S
         raise ValueError(f"windows must be an integer tensor of token ids, got dtype {windows.dtype}")
     if windows.dim() < 1:
         raise ValueError("windows must have a last dimension of size k")
-    if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+    if not is_integer(codebook_size) or codebook_size < 1:
         raise ValueError(f"codebook_size must be an integer >= 1, got {codebook_size!r}")
+    codebook_size = int(codebook_size)
     if beta is None:
         beta = noise_schedule(windows.shape[-1], schedule, max_noise=max_noise, device=windows.device)
     else:

@@ -15,6 +15,8 @@ import numbers
 import numpy as np
 import torch
 
+from .checks import is_integer
+
 __all__ = ["check_sampling_args", "filter_logits", "sample_tokens", "guided_logits", "race_noise"]
 
 
@@ -42,7 +44,7 @@ def check_sampling_args(*, temperature: float = 1.0, top_k: int = 0, top_p: floa
     if value is None or value < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (argmax decoding is greedy "
                          f"sampling), got {temperature!r}")
-    if not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 0):
+    if not (is_integer(top_k) and top_k >= 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
     value = _real(top_p)
     if value is None or not 0 < value <= 1:

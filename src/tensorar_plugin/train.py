@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .checks import is_integer
 from .files import read_json, read_safetensors
 from .generation import check_cond_mask
 from .state_dicts import describe_mismatch
@@ -131,7 +132,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "warmup_steps", "ckpt_every",
                      "num_workers", "keep_checkpoints"):
             value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            if is_integer(value):
                 setattr(self, name, int(value))
         for name in ("grad_clip", "ema_decay"):
             value = getattr(self, name)
@@ -147,14 +148,14 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a finite number >= 0 (0 disables it) or None, got {self.grad_clip!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("warmup_steps", "ckpt_every", "num_workers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_integer(value) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         keep = self.keep_checkpoints
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        if keep is not None and (not is_integer(keep) or keep < 1):
             raise ValueError(f"keep_checkpoints must be an integer >= 1 or None, got {keep!r}")
         if self.eps <= 0:
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
@@ -323,10 +324,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
                  shuffle: bool = True):
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                  ("grad_accum_steps", grad_accum_steps, 1), ("dataset_len", dataset_len, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        if not is_integer(rank) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an integer in [0, world_size - 1 = {world_size - 1}], got {rank!r}")
+        dataset_len, batch_size, world_size, rank, grad_accum_steps = (
+            int(v) for v in (dataset_len, batch_size, world_size, rank, grad_accum_steps))
         if batch_size % (world_size * grad_accum_steps):
             raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size x grad_accum_steps "
                              f"({world_size} x {grad_accum_steps})")
@@ -707,8 +710,7 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.config
-        if until_step is not None and (not isinstance(until_step, numbers.Integral) or isinstance(until_step, bool)
-                                       or until_step < 0):
+        if until_step is not None and (not is_integer(until_step) or until_step < 0):
             raise ValueError(f"until_step must be an integer >= 0 (a step to stop at) or None, got {until_step!r}")
         stop = cfg.max_steps if until_step is None else min(int(until_step), cfg.max_steps)
         if self.is_main:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import BackboneAdapter, find_adapter
 from .adapters.base import NULL_CONDITION_HINT
+from .checks import is_integer
 from .generation import GenerationOutput, check_cond_mask, evaluating, generate_windows
 from .heads import TensorDecoder, TensorEncoder
 from .noise import ADAPTIVE, SCHEDULES, clean_first_slot, replace_slots
@@ -70,7 +70,7 @@ class TensorARConfig:
             value = getattr(self, name)
             if value is None and name in ("hidden_dim", "num_heads"):
                 continue
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
             setattr(self, name, int(value))  # numpy integers become ints: the config is saved as JSON
         if self.num_heads is not None and self.hidden_dim is not None and self.hidden_dim % self.num_heads:

@@ -26,13 +26,13 @@ re-running the stored prefix each step: simpler, but quadratic in the sequence l
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checks import is_integer
 from .base import BackboneAdapter, check_id_tensor, updatable_here
 
 __all__ = ["KVCache", "ModuleAdapter", "resolve_part"]
@@ -264,8 +264,7 @@ class ModuleAdapter(BackboneAdapter):
             if not isinstance(rows, int):
                 raise ValueError("max_image_tokens is required unless pos_embedding is a table or an nn.Embedding")
             max_image_tokens = rows - num_cond_tokens
-        if isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, numbers.Integral) \
-                or max_image_tokens < 1:
+        if not is_integer(max_image_tokens) or max_image_tokens < 1:
             raise ValueError(f"max_image_tokens must be an integer >= 1, got {max_image_tokens!r}")
         if isinstance(rows, int) and num_cond_tokens + max_image_tokens > rows:
             raise ValueError(f"max_image_tokens={max_image_tokens} with num_cond_tokens={num_cond_tokens} needs "
@@ -350,7 +349,7 @@ class ModuleAdapter(BackboneAdapter):
     def null_condition(self, cond):
         if self._null is None:
             return super().null_condition(cond)
-        if isinstance(self._null, int) and not isinstance(self._null, bool):
+        if is_integer(self._null):
             return torch.full_like(cond, self._null)
         if isinstance(self._null, torch.Tensor):
             return expand_null(self._null, cond, "null_cond")
@@ -419,7 +418,7 @@ class ModuleAdapter(BackboneAdapter):
         super().check_condition(cond, batch_size, name=name)
         if self._num_classes is not None:
             upper = self._num_classes
-            if isinstance(self._null, int) and not isinstance(self._null, bool):
+            if is_integer(self._null):
                 upper = max(upper, self._null + 1)
             check_id_tensor(cond, name=name, dims=1, layout="a 1-D integer tensor of class ids", what="class ids",
                             upper=upper)

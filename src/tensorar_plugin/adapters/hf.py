@@ -24,13 +24,13 @@ works on normalised states.
 from __future__ import annotations
 
 import inspect
-import numbers
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import is_integer
 from .base import BackboneAdapter, check_id_tensor
 from .custom import checked_dropout_prob, drop_conditions, expand_null, first_tensor, out_features, resolve_part
 
@@ -72,11 +72,6 @@ def _require_transformers():
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError("HFCausalLMAdapter needs transformers: pip install 'tensorar-plugin[hf]'") from exc
     return transformers
-
-
-def _is_int(value) -> bool:
-    """Any integer type (numpy's too), not bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class HFCausalLMAdapter(BackboneAdapter):
@@ -145,7 +140,7 @@ class HFCausalLMAdapter(BackboneAdapter):
         if self.final_norm is not None and not isinstance(self.final_norm, nn.Module):
             raise TypeError("final_norm must be a module (its forward hook gives the pre-norm hidden states)")
 
-        if not _is_int(image_token_offset) or image_token_offset < 0:
+        if not is_integer(image_token_offset) or image_token_offset < 0:
             raise ValueError(f"image_token_offset must be an integer >= 0, got {image_token_offset!r}")
         self.image_token_offset = int(image_token_offset)
         uses_lm_vocab = self.image_embedding is None or self.image_head is None
@@ -193,14 +188,14 @@ class HFCausalLMAdapter(BackboneAdapter):
             num_cond_tokens = inferred
         if callable(condition) and num_cond_tokens is None:
             raise ValueError("a callable condition needs num_cond_tokens=")
-        if num_cond_tokens is not None and (not _is_int(num_cond_tokens) or num_cond_tokens < 1):
+        if num_cond_tokens is not None and (not is_integer(num_cond_tokens) or num_cond_tokens < 1):
             raise ValueError(f"num_cond_tokens must be an integer >= 1, got {num_cond_tokens!r}")
         self._num_cond = None if num_cond_tokens is None else int(num_cond_tokens)
         self.uncond_ids = uncond_ids
         self.cond_dropout_prob = checked_dropout_prob(cond_dropout_prob, uncond_ids, "uncond_ids")
 
         self.max_positions = self._max_positions()
-        if max_image_tokens is not None and (not _is_int(max_image_tokens) or max_image_tokens < 1):
+        if max_image_tokens is not None and (not is_integer(max_image_tokens) or max_image_tokens < 1):
             raise ValueError(f"max_image_tokens must be an integer >= 1, got {max_image_tokens!r}")
         if max_image_tokens is None and self.max_positions is None:
             raise ValueError(f"{type(model).__name__}'s config gives no positional range: pass max_image_tokens=")

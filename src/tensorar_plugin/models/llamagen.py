@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from ..checks import is_integer
+
 __all__ = [
     "LlamaGenConfig",
     "LlamaGen",
@@ -66,8 +68,9 @@ class LlamaGenConfig:
     def __post_init__(self) -> None:
         for name in ("dim", "n_layer", "n_head", "multiple_of", "vocab_size", "cls_token_num", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"LlamaGenConfig.{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))  # NumPy integers become ints: the config is saved as JSON
         if self.num_classes < 1:
             raise ValueError(f"LlamaGenConfig.num_classes must be >= 1, got {self.num_classes!r}")
         if self.dim % self.n_head:

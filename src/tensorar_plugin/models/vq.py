@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import is_integer
+
 __all__ = [
     "VQConfig",
     "VQModel",
@@ -70,9 +72,9 @@ def _check_ch_mult(name: str, value: Any) -> list[int]:
         raise ValueError(f"{name} must be a sequence of positive ints, got {value!r}") from None
     if not mult:
         raise ValueError(f"{name} must not be empty")
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mult):
+    if any(not is_integer(m) or m < 1 for m in mult):
         raise ValueError(f"{name} must contain only positive ints, got {value!r}")
-    return mult
+    return [int(m) for m in mult]
 
 
 @dataclass
@@ -99,8 +101,9 @@ class VQConfig:
         """Validate the fields so that a bad config fails here rather than deep inside a layer."""
         for name in ("codebook_size", "codebook_embed_dim", "z_channels", "base_channels", "num_res_blocks"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))  # NumPy integers become ints: the config is saved as JSON
         for name in ("commit_loss_beta", "entropy_loss_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
