@@ -17,6 +17,8 @@ import os
 import re
 from typing import Any
 
+from .sample import add_checkpoint_arguments
+
 __all__ = ["register", "run", "parse_overrides"]
 
 #: TensorAR settings with flags. The flags default to argparse.SUPPRESS, so only given ones reach the wrapper
@@ -111,16 +113,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     model.add_argument("--model", required=True,
                        help="LlamaGen checkpoint: a registry name (e.g. c2i_B_256, downloaded from the Hugging Face "
                             "Hub) or a local .pt / .safetensors file")
-    model.add_argument("--preset", default=None,
-                       help="LlamaGen preset (GPT-B, GPT-L, ...) when it cannot be inferred from the weights")
     model.add_argument("--image-size", type=int, default=None,
                        help="image size the codes were extracted at (sets the token grid: image_size // 16 per "
                             "side); default: the checkpoint's")
-    model.add_argument("--model-config", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a LlamaGenConfig field (repeatable), e.g. n_head=4 or resid_dropout_p=0.0")
-    model.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for registry downloads")
-    model.add_argument("--local-files-only", action="store_true",
-                       help="never download: use the Hugging Face cache or local files only")
+    add_checkpoint_arguments(model)
     model.add_argument("--init-from", default=None,
                        help="start from a saved TensorAR model (a save_pretrained folder) instead of fresh TensorAR "
                             "parts")

@@ -63,13 +63,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("--window", type=int, default=None,
                    help="window for a hub model without --tensorar parts: 1 (default) samples plainly; "
                         "larger windows add untrained parts: the same distribution (and greedy tokens), slower")
-    p.add_argument("--preset", default=None,
-                   help="LlamaGen preset (GPT-B, ...) of a checkpoint file whose shape cannot be inferred")
-    p.add_argument("--model-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a LlamaGenConfig field of a checkpoint file (repeatable), e.g. n_head=4")
-    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for registry downloads")
-    p.add_argument("--local-files-only", action="store_true",
-                   help="never download: use the Hugging Face cache or local files only (no retries offline)")
+    add_checkpoint_arguments(p)
 
 
 #: sampling settings with a flag each; unset flags take the model's defaults (`sampling_settings`)
@@ -161,6 +155,20 @@ def check_image_path(flag: str, path: Path) -> None:
         raise ValueError(f"{flag} {path}: the file name needs an image suffix such as .png (it picks the format)")
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path} is a folder; pass an image file name such as {path / 'grid.png'}")
+
+
+def add_checkpoint_arguments(p) -> None:
+    """How a LlamaGen checkpoint is read and found (`sample`, `sample-npz`, `finetune`): preset, config
+    overrides, Hugging Face cache folder, offline."""
+    p.add_argument("--preset", default=None,
+                   help="LlamaGen preset (GPT-B, GPT-L, ...) of a checkpoint whose shape cannot be inferred from its "
+                        "weights")
+    p.add_argument("--model-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a LlamaGenConfig field of the checkpoint (repeatable), e.g. n_head=4 or "
+                        "resid_dropout_p=0.0")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder for registry downloads")
+    p.add_argument("--local-files-only", action="store_true",
+                   help="never download: use the Hugging Face cache or local files only (no retries offline)")
 
 
 def add_device_arguments(p) -> None:
