@@ -11,7 +11,7 @@
 # OUT_DIR; merge per-model files with benchmarks/plot_speed.py A.json B.json --merged-json OUT.json. Every
 # decode step is compiled first in parallel processes (--precompile-jobs, one per core): compilation, not
 # timing, is most of a run. The speed modes fail unless every sampler ran without errors or skipped CUDA
-# graphs and the fast path picked the eager tokens. SPEED_DEVICE=cpu dry-runs the script on tiny models.
+# graphs and the fast path picked the eager tokens. SPEED_DEVICE=cpu dry-runs any mode on the micro model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
