@@ -300,13 +300,12 @@ def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor,
     A sampler that fails is reported under `errors` and the others still run. `precompiled`: what the
     precompile workers reported for this model and batch (kernel counts a cache hit cannot show)."""
     precompiled = precompiled or {}
-    runs = sampler_runs(args, model, cond=cond, wrapper=wrapper)
+    runs = sampler_runs(args, model, wrapper, cond)
     inductor = set(inductor_samplers(args))
     result: dict = {"errors": {}, "cudagraph_skips": {}, "kernels_per_step": {}, "first_call_s": {},
                     "compile_cache": {}}
-    stats = counters["inductor"]
     for label, fn in runs.items():
-        before = {key: stats[key] for key in ("cudagraph_skips", "fxgraph_cache_hit", "fxgraph_cache_miss")}
+        before = inductor_counts()
         repeats = (args.eager_repeats or args.repeats) if label == "llamagen_eager" else args.repeats
         try:
             with torch.inference_mode():
@@ -324,11 +323,22 @@ def measure(args, model: LlamaGen, wrapper: TensorARWrapper, cond: torch.Tensor,
             traceback.print_exc()
             result["errors"][label] = f"{type(error).__name__}: {error}"[:500]
         # graphs inductor compiled but did not capture as CUDA graphs (a silent slow path under reduce-overhead)
-        result["cudagraph_skips"][label] = stats["cudagraph_skips"] - before["cudagraph_skips"]
+        result["cudagraph_skips"][label] = inductor_counts()["cudagraph_skips"] - before["cudagraph_skips"]
         if label in inductor:
-            result["compile_cache"][label] = {"hits": stats["fxgraph_cache_hit"] - before["fxgraph_cache_hit"],
-                                              "misses": stats["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]}
+            result["compile_cache"][label] = cache_use_since(before)
     return result
+
+
+def inductor_counts() -> dict[str, int]:
+    """Inductor's running counts of graphs run without CUDA graphs and of FX-graph cache hits and misses."""
+    return {key: counters["inductor"][key] for key in ("cudagraph_skips", "fxgraph_cache_hit", "fxgraph_cache_miss")}
+
+
+def cache_use_since(before: dict[str, int]) -> dict[str, int]:
+    """FX-graph cache hits and misses since `before` (an `inductor_counts()`): a precompiled step is a hit."""
+    now = inductor_counts()
+    return {"hits": now["fxgraph_cache_hit"] - before["fxgraph_cache_hit"],
+            "misses": now["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]}
 
 
 #: the fast-path token checks: greedy plain, greedy TensorAR (argmax drafts), sampled TensorAR
@@ -362,10 +372,9 @@ def fast_path_check(args, name: str, batch: int) -> dict:
     with torch.inference_mode():
         for label, run in check_runs(args, name, batch).items():
             try:
-                hits, misses = (counters["inductor"][key] for key in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
+                before = inductor_counts()
                 fast = run(compile=compiled)
-                cache = {"hits": counters["inductor"]["fxgraph_cache_hit"] - hits,
-                         "misses": counters["inductor"]["fxgraph_cache_miss"] - misses}
+                cache = cache_use_since(before)
                 same = fast == run()
                 report[label] = {"tokens_equal": bool(same.all()), "fraction_equal": same.float().mean().item(),
                                  "compile_cache": cache}

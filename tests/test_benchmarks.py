@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+#: tests that compile with inductor on the CPU, which builds C++ kernels
+needs_c_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                      reason="inductor on CPU needs a C compiler")
 
 
 def load_script(name: str):
@@ -100,14 +104,11 @@ def benchmark_compiled_module(args, times=10, repeat=10):
     assert load_script("speed").count_kernel_calls(code) == 5
 
 
+@needs_c_compiler
 def test_kernel_count_of_compiled_decode_steps():
     """Inductor's step for a window-1 wrapper is the plain sampler's; window 4 adds the encoder and decoder."""
-    import shutil
-
     import torch
 
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("inductor on CPU needs a C compiler")
     from tensorar_plugin import sample_plain
 
     speed = load_script("speed")
@@ -122,13 +123,10 @@ def test_kernel_count_of_compiled_decode_steps():
     assert again is None
 
 
+@needs_c_compiler
 def test_precompile_workers_fill_the_cache_the_timing_process_loads(tmp_path, monkeypatch):
     """--precompile-jobs: parallel workers compile every step; the timing process compiles none of them itself
     (each step is a hit in inductor's FX graph cache), and it reports the kernel counts the workers saw."""
-    import shutil
-
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("inductor on CPU needs a C compiler")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty: only the workers fill it
     speed, out = load_script("speed"), tmp_path / "speed.json"
     assert speed.main(["--models", "micro", "--batch-sizes", "1", "--repeats", "1", "--compile-ours",
@@ -224,13 +222,10 @@ def stub_llamagen(tmp_path):
         sys.path.remove(str(root))
 
 
+@needs_c_compiler
 def test_speed_benchmark_times_llamagen_three_ways_from_a_checkout(stub_llamagen, tmp_path):
     """--reference: LlamaGen's generate() eager, with its decode step compiled and caches reused, and compiled
     as its sample_c2i.py does (the model's forward, new caches per call), on the same weights as ours."""
-    import shutil
-
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("inductor on CPU needs a C compiler")
     speed, out = load_script("speed"), tmp_path / "speed.json"
     assert speed.main(["--models", "micro", "--batch-sizes", "2", "--repeats", "1", "--reference", str(stub_llamagen),
                        "--compile", "--check-models", "--json", str(out)]) == 0
